@@ -1,0 +1,153 @@
+"""Loading recipe datasets and tokenizing them into ``input_ids`` + ``labels`` (TRL's SFT semantics).
+
+The host tokenizes instead of leaving it to ``SFTTrainer`` so that ``tokplug_prepare_dataset`` sees the exact
+training examples, and ``tokplug preview`` shows what the trainer will see. Labels follow TRL: prompt/completion
+data trains on the completion only (unless ``completion_only_loss: false``), chat data on the whole conversation
+unless ``assistant_only_loss: true``; an EOS is appended to non-chat text.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any
+
+from trl.data_utils import common_prefix_length, is_conversational
+
+from . import toy
+from .errors import RecipeError
+from .recipe import DatasetSpec, DataSpec
+
+
+def _local_files(spec: DatasetSpec) -> list[str]:
+    files = spec.data_files
+    if files is None:
+        return []
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, dict):
+        out: list[str] = []
+        for value in files.values():
+            out.extend([value] if isinstance(value, str) else list(value))
+        return out
+    return list(files)
+
+
+def check_dataset_spec(spec: DatasetSpec, key: str, source: str) -> None:
+    """Fail before loading anything when local data files are missing."""
+    if toy.is_toy(spec.path):
+        if spec.path[len(toy.SCHEME):] not in toy.TOY_DATASETS:
+            raise RecipeError(
+                f"unknown embedded dataset {spec.path!r}",
+                where=f"{source}: {key}.path",
+                fix=f"use one of: {', '.join(toy.SCHEME + n for n in toy.TOY_DATASETS)}",
+            )
+        return
+    for pattern in _local_files(spec):
+        if "://" in pattern:
+            continue
+        if not glob.glob(pattern):
+            raise RecipeError(
+                f"data file not found: {pattern} (looked in {os.path.abspath(pattern)})",
+                where=f"{source}: {key}.data_files",
+                fix="relative paths resolve against the current directory; check the path or run from the right folder",
+            )
+    if spec.data_files is None and os.path.sep in spec.path and not os.path.exists(spec.path):
+        raise RecipeError(
+            f"dataset folder not found: {spec.path}", where=f"{source}: {key}.path", fix="check the path"
+        )
+
+
+def load_split(spec: DatasetSpec) -> Any:
+    if toy.is_toy(spec.path):
+        return toy.load_toy_dataset(spec.path, spec.split)
+    from datasets import load_dataset
+
+    return load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split, revision=spec.revision)
+
+
+def load_data(data: DataSpec, seed: int) -> tuple[Any, Any | None]:
+    """Train and eval datasets (eval may be held out from train with ``eval_size``)."""
+    train = load_split(data.train) if data.train is not None else None
+    evald = load_split(data.eval) if data.eval is not None else None
+    if evald is None and data.eval_size and train is not None:
+        parts = train.train_test_split(test_size=data.eval_size, seed=seed)
+        train, evald = parts["train"], parts["test"]
+    if train is not None and data.max_samples is not None:
+        train = train.select(range(min(data.max_samples, len(train))))
+    return train, evald
+
+
+def detect_format(example: dict[str, Any], data: DataSpec) -> str:
+    if data.format != "auto":
+        return data.format
+    if "messages" in example:
+        return "chat"
+    if "prompt" in example and "completion" in example:
+        return "prompt_completion"
+    if data.text_field in example:
+        return "text"
+    raise RecipeError(
+        f"cannot tell the data format from the columns {sorted(example)}",
+        where="data.format",
+        fix=f"use columns `messages`, `prompt`+`completion` or `{data.text_field}`, or set data.format / data.text_field",
+    )
+
+
+def tokenize_example(example: dict[str, Any], tokenizer: Any, data: DataSpec, fmt: str) -> dict[str, list[int]]:
+    eos = tokenizer.eos_token or ""
+    if fmt == "chat":
+        out = tokenizer.apply_chat_template(
+            example["messages"], tokenize=True, return_dict=True, return_assistant_tokens_mask=data.assistant_only_loss
+        )
+        ids = list(out["input_ids"])
+        if data.assistant_only_loss:
+            mask = list(out["assistant_masks"])
+            if 1 not in mask:
+                raise RecipeError(
+                    "assistant_only_loss is on, but the chat template marks no assistant tokens",
+                    where="data.assistant_only_loss",
+                    fix="use a template with {% generation %} markers, or set data.assistant_only_loss: false",
+                )
+            labels = [t if m else -100 for t, m in zip(ids, mask)]
+        else:
+            labels = list(ids)
+    elif fmt == "prompt_completion":
+        prompt, completion = example["prompt"], example["completion"]
+        if is_conversational(example):
+            prompt_ids = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)
+            ids = tokenizer.apply_chat_template(prompt + completion, tokenize=True, return_dict=True)["input_ids"]
+            prompt_ids = prompt_ids["input_ids"]
+        else:
+            if eos and not completion.endswith(eos):
+                completion = completion + eos
+            prompt_ids = tokenizer(prompt)["input_ids"]
+            ids = tokenizer(prompt + completion)["input_ids"]
+        ids = list(ids)
+        n_prompt = common_prefix_length(list(prompt_ids), ids)
+        only = True if data.completion_only_loss is None else data.completion_only_loss
+        labels = [-100] * n_prompt + ids[n_prompt:] if only else list(ids)
+    else:
+        text = example[data.text_field]
+        if eos and not text.endswith(eos):
+            text = text + eos
+        ids = list(tokenizer(text)["input_ids"])
+        labels = list(ids)
+    if data.max_length is not None:
+        ids, labels = ids[: data.max_length], labels[: data.max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+def tokenize_dataset(dataset: Any, tokenizer: Any, data: DataSpec) -> Any:
+    """Add ``input_ids`` and ``labels`` columns; drop examples left with no label after truncation."""
+    if len(dataset) == 0:
+        raise RecipeError("the dataset is empty", where="data", fix="check the data files / split")
+    fmt = detect_format(dataset[0], data)
+    out = dataset.map(
+        tokenize_example,
+        fn_kwargs={"tokenizer": tokenizer, "data": data, "fmt": fmt},
+        desc="Tokenizing",
+        load_from_cache_file=False,
+        keep_in_memory=True,
+    )
+    return out.filter(lambda ex: any(x != -100 for x in ex["labels"]), keep_in_memory=True, desc="Dropping empty")

@@ -1,0 +1,291 @@
+"""Plugin discovery (entry points), per-run plugin managers and hook dispatch by aggregation rule.
+
+- Installed plugins are the ``hf_tokplug`` entry points (built-in ones included) plus classes registered at
+  run time with :func:`register_plugin`. ``HF_TOKPLUG_LOAD_PLUGINS=a,b`` restricts entry points to those names
+  (empty: none).
+- A *run* registers only the plugins its recipe enables, in recipe order, so an installed plugin that is not named
+  never changes anything. Setup hooks (``tokplug_register_*``) are collected from every installed plugin class.
+- ``HF_TOKPLUG_TRACE=1`` prints every hook call with the plugins it reached and its duration.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from functools import cache
+from importlib import metadata
+from typing import Any, Callable
+
+import pluggy
+from pydantic import BaseModel, ValidationError
+
+from . import hookspecs
+from .errors import PluginError
+from .hookspecs import HOOK_RULES, PROJECT
+
+ENTRY_POINT_GROUP = "hf_tokplug"
+LOAD_ENV = "HF_TOKPLUG_LOAD_PLUGINS"
+TRACE_ENV = "HF_TOKPLUG_TRACE"
+
+
+@dataclass
+class PluginInfo:
+    """One installed plugin: where it comes from, and its class or the error raised while importing it."""
+
+    name: str
+    source: str
+    dist: str | None
+    version: str | None
+    cls: type | None
+    error: BaseException | None = None
+
+    def require(self) -> type:
+        if self.cls is None:
+            raise PluginError(
+                f"plugin {self.name!r} ({self.source}) failed to import: {type(self.error).__name__}: {self.error}",
+                fix=f"fix the import error, or reinstall the package that provides it ({self.dist or 'unknown'})",
+            )
+        return self.cls
+
+
+_RUNTIME: dict[str, PluginInfo] = {}
+
+
+def register_plugin(name: str, cls: type, version: str | None = None) -> None:
+    """Make a plugin class available under ``name`` without an entry point (notebooks, tests)."""
+    _RUNTIME[name] = PluginInfo(name, f"{cls.__module__}.{cls.__qualname__}", None, version, cls)
+    _reset_caches()
+
+
+def unregister_plugin(name: str) -> None:
+    _RUNTIME.pop(name, None)
+    _reset_caches()
+
+
+def _reset_caches() -> None:
+    _setup_manager.cache_clear()
+    registries.cache_clear()
+
+
+@cache
+def _entry_point_plugins(allow: str | None) -> dict[str, PluginInfo]:
+    allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
+    found: dict[str, PluginInfo] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if allowed is not None and ep.name not in allowed:
+            continue
+        dist = ep.dist.name if ep.dist is not None else None
+        version = ep.dist.version if ep.dist is not None else None
+        try:
+            cls, error = ep.load(), None
+        except Exception as exc:  # an import error is reported when the plugin is used, not at discovery
+            cls, error = None, exc
+        found[ep.name] = PluginInfo(ep.name, ep.value, dist, version, cls, error)
+    return found
+
+
+def installed_plugins() -> dict[str, PluginInfo]:
+    """All plugins that can be enabled: entry points (allow-listed) plus runtime registrations."""
+    plugins = dict(_entry_point_plugins(os.environ.get(LOAD_ENV)))
+    plugins.update(_RUNTIME)
+    return plugins
+
+
+def plugin_info(name: str, where: str | None = None) -> PluginInfo:
+    plugins = installed_plugins()
+    if name not in plugins:
+        known = ", ".join(sorted(plugins)) or "none"
+        hint = f" ({LOAD_ENV} is set and does not list it)" if os.environ.get(LOAD_ENV) is not None else ""
+        raise PluginError(
+            f"unknown plugin {name!r}{hint}; installed plugins: {known}",
+            where=where,
+            fix="check the spelling, or install the package that provides the plugin (`tokplug plugins` lists them)",
+        )
+    return plugins[name]
+
+
+def validate_config(name: str, cls: type, raw: Any, where: str | None = None) -> BaseModel | None:
+    """Validate a plugin's recipe block with the plugin's own config class."""
+    config_class = getattr(cls, "config_class", None)
+    raw = {} if raw is None else raw
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump()
+    if config_class is None:
+        if raw:
+            raise PluginError(
+                f"plugin {name!r} takes no options, got {sorted(raw)}", where=where, fix="remove the options"
+            )
+        return None
+    if not isinstance(raw, dict):
+        raise PluginError(
+            f"the options of plugin {name!r} must be a mapping, got {type(raw).__name__}",
+            where=where,
+            fix="write the options as `key: value` pairs, or `{}` for the defaults",
+        )
+    try:
+        return config_class.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(block)'}: {err['msg']}" for err in exc.errors()
+        )
+        fields = ", ".join(config_class.model_fields)
+        raise PluginError(
+            f"invalid options for plugin {name!r}: {problems}",
+            where=where,
+            fix=f"valid options are: {fields} (see `tokplug plugins` and the plugin's docs)",
+        ) from None
+
+
+def instantiate(name: str, raw_config: Any, where: str | None = None) -> Any:
+    info = plugin_info(name, where)
+    cls = info.require()
+    config = validate_config(name, cls, raw_config, where)
+    try:
+        return cls(name=name, config=config)
+    except TypeError as exc:
+        raise PluginError(
+            f"plugin {name!r}: could not construct {info.source}: {exc}",
+            fix="a plugin class must accept `name` and `config` keyword arguments (derive from hf_tokplug.Plugin)",
+        ) from None
+
+
+def plugin_version(name: str) -> str | None:
+    info = installed_plugins().get(name)
+    return info.version if info else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# managers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _new_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def _check(pm: pluggy.PluginManager) -> None:
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(
+            f"plugin {exc.plugin!r} implements a hook that does not exist: {exc}",
+            fix="check the method name against docs/hooks.md (every hook starts with `tokplug_`)",
+        ) from None
+    for name, (_, rule, _) in HOOK_RULES.items():
+        if rule not in ("chain", "merge"):
+            continue
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            if impl.hookwrapper or impl.wrapper:
+                raise PluginError(
+                    f"plugin {impl.plugin_name!r}: {name} is a {rule} hook and cannot be a wrapper",
+                    fix="drop `wrapper=True`/`hookwrapper=True`; order with tryfirst/trylast instead",
+                )
+
+
+def build_run_manager(plugins: list[Any]) -> pluggy.PluginManager:
+    """A manager with the given plugin instances, called in list order (pluggy calls the last registered first)."""
+    pm = _new_manager()
+    for plugin in reversed(plugins):
+        try:
+            pm.register(plugin, name=plugin.name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"plugin {plugin.name!r} is invalid: {exc}") from None
+    _check(pm)
+    return pm
+
+
+@cache
+def _setup_manager() -> pluggy.PluginManager:
+    from . import builtins
+
+    pm = _new_manager()
+    pm.register(builtins, name="hf_tokplug.builtins")
+    for name, info in sorted(installed_plugins().items(), reverse=True):
+        if info.cls is not None:
+            pm.register(info.cls, name=name)
+    _check(pm)
+    return pm
+
+
+@dataclass
+class Registries:
+    runners: dict[str, type]
+    token_inits: dict[str, Callable[..., Any]]
+    commands: dict[str, tuple[str, Callable, Callable, str]]
+
+
+def _collector(kind: str, target: dict, owner_of: Callable[[], str]) -> Callable[..., None]:
+    def register(name: str, value: Any, *rest: Any) -> None:
+        if name in target:
+            raise PluginError(f"{kind} {name!r} is registered twice (second time by {owner_of()!r})")
+        target[name] = (value, *rest, owner_of()) if rest else value
+
+    return register
+
+
+@cache
+def registries() -> Registries:
+    """Runners, token-init strategies and CLI commands registered by the host and every installed plugin."""
+    pm = _setup_manager()
+    regs = Registries({}, {}, {})
+    for hook_name, target, kind in (
+        ("tokplug_register_runners", regs.runners, "task"),
+        ("tokplug_register_token_inits", regs.token_inits, "token-init strategy"),
+        ("tokplug_register_commands", regs.commands, "command"),
+    ):
+        for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+            impl.function(_collector(kind, target, lambda impl=impl: impl.plugin_name))
+    return regs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+class HookCaller:
+    """Calls hooks by name with the aggregation rule the spec declares (see :mod:`hf_tokplug.hookspecs`)."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
+        self.calls = 0
+
+    def implementers(self, name: str) -> list[str]:
+        """Plugin names implementing ``name``, in call order."""
+        return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, name).get_hookimpls())]
+
+    def __call__(self, name: str, **kwargs: Any) -> Any:
+        _, rule, chained = HOOK_RULES[name]
+        hook = getattr(self.pm.hook, name)
+        self.calls += 1
+        start = time.perf_counter() if self.trace else 0.0
+        if rule == "chain":
+            result = kwargs[chained]
+            for impl in reversed(hook.get_hookimpls()):
+                kwargs[chained] = result
+                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if value is not None:
+                    result = value
+        elif rule == "merge":
+            result = {}
+            for impl in reversed(hook.get_hookimpls()):
+                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                for key, item in (value or {}).items():
+                    result[f"{impl.plugin_name}/{key}"] = item
+        elif rule == "extend":
+            result = [item for items in hook(**kwargs) for item in (items or [])]
+        else:  # broadcast, first
+            result = hook(**kwargs)
+        if self.trace:
+            reached = ", ".join(self.implementers(name)) or "-"
+            ms = (time.perf_counter() - start) * 1e3
+            print(f"[tokplug] {name} ({rule}) -> {reached} [{ms:.2f} ms]", file=sys.stderr)
+        return result
+
+    def has(self, name: str) -> bool:
+        return bool(getattr(self.pm.hook, name).get_hookimpls())

@@ -1,0 +1,63 @@
+"""``tokplug preview``: what the trainer will see for a few examples, after every plugin's data hooks.
+
+Loads the tokenizer (through the tokenizer hooks), tokenizes and prepares the training split and collates the first
+``n`` examples with the wrapped collator. No model weights load (``ctx.model`` is ``None`` in the data hooks here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .data import load_data, tokenize_dataset
+from .errors import RecipeError
+
+
+def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    ctx = runner.validate()
+    recipe = runner.recipe
+    if recipe.data is None or recipe.data.train is None:
+        raise RecipeError("preview needs data.train", where=f"{runner.source}: data.train")
+    tokenizer = ctx.call("tokplug_load_tokenizer") or runner.load_tokenizer(ctx)
+    ctx.prepare_tokenizer(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train, _ = load_data(recipe.data, recipe.seed)
+    train = train.select(range(min(n, len(train))))
+    train = ctx.prepare_dataset(tokenize_dataset(train, tokenizer, recipe.data), "train")
+    collator = ctx.wrap_collator(runner.base_collator(ctx))
+    batch = collator([train[i] for i in range(len(train))])
+
+    added = {t.id: t for t in ctx.added_tokens}
+    pad_id = tokenizer.pad_token_id
+    summary = {"examples": [], "added_tokens": [t.token for t in ctx.added_tokens]}
+    console.print(
+        f"[bold]{runner.source}[/]: task {recipe.task}, plugins {', '.join(ctx.plugins) or 'none'}, "
+        f"{len(ctx.added_tokens)} added token(s)"
+    )
+    keys = ", ".join(f"{k} {tuple(v.shape)}" for k, v in batch.items() if hasattr(v, "shape"))
+    console.print(f"batch: {keys}")
+    for row in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][row].tolist()
+        labels = batch["labels"][row].tolist() if "labels" in batch else [None] * len(ids)
+        attn = batch["attention_mask"][row].tolist() if "attention_mask" in batch else [1] * len(ids)
+        table = Table("pos", "token", "id", "label", "attn", "note", title=f"example {row}")
+        trained = sum(1 for x in labels if x is not None and x != -100)
+        for pos, (tid, lab, att) in enumerate(zip(ids, labels, attn)):
+            if pos >= max_tokens:
+                table.add_row("...", f"{len(ids) - max_tokens} more", "", "", "", "")
+                break
+            notes = []
+            if tid in added:
+                notes.append(f"added by {added[tid].plugin}")
+            if att == 0 or (tid == pad_id and pos > 0 and ids[pos - 1] == pad_id):
+                notes.append("pad")
+            label = "-" if lab is None else ("masked" if lab == -100 else str(lab))
+            style = "dim" if label == "masked" else ("magenta" if tid in added else None)
+            table.add_row(str(pos), repr(tokenizer.convert_ids_to_tokens(tid)), str(tid), label, str(att), ", ".join(notes), style=style)
+        console.print(table)
+        summary["examples"].append({"length": len(ids), "trained_tokens": trained, "pads": attn.count(0)})
+    return summary

@@ -1,0 +1,203 @@
+"""The embedded default: ``toy://`` models and datasets that need no download.
+
+    toy://llama      Llama-style causal LM, untied embeddings
+    toy://qwen2      Qwen2-style causal LM, tied embeddings
+    toy://gpt-neox   GPT-NeoX causal LM (parallel attention, rotary on part of the head)
+
+Each is a tiny real transformers architecture built from a config with a fixed seed, sharing one byte-level BPE
+tokenizer (2,048 tokens, ChatML template) trained on a bundled King James Version excerpt (public domain) and
+committed in ``assets/``. Built models are cached under ``$HF_TOKPLUG_CACHE`` (default ``~/.cache/hf_tokplug``),
+so the second load is a plain ``from_pretrained`` of a local folder. Plugins add architectures with
+:func:`register_toy_model`.
+
+Datasets: ``toy://kjv-chat`` (messages), ``toy://kjv-completion`` (prompt/completion), ``toy://kjv-text`` (text);
+splits ``train`` (90%) and ``eval`` (10%), deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import TokPlugError
+
+SCHEME = "toy://"
+ASSETS = Path(__file__).parent / "assets"
+BUILD_VERSION = 1  # bump when a builder changes, so stale caches are not reused
+
+
+@dataclass
+class ToyModel:
+    """A toy architecture: ``build(vocab_size) -> (config, model_class)``."""
+
+    name: str
+    build: Callable[[int], tuple[Any, type]]
+    description: str
+
+
+def _llama(vocab: int) -> tuple[Any, type]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=5, pad_token_id=3,
+    )
+    return cfg, LlamaForCausalLM
+
+
+def _qwen2(vocab: int) -> tuple[Any, type]:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=vocab, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=5, pad_token_id=3,
+    )
+    return cfg, Qwen2ForCausalLM
+
+
+def _gpt_neox(vocab: int) -> tuple[Any, type]:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1024, rotary_pct=0.25, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=5, pad_token_id=3,
+    )
+    return cfg, GPTNeoXForCausalLM
+
+
+TOY_MODELS: dict[str, ToyModel] = {}
+
+
+def register_toy_model(name: str, build: Callable[[int], tuple[Any, type]], description: str) -> None:
+    """Add a ``toy://name`` architecture (plugins use it for bidirectional LMs, diffusion models, ...)."""
+    TOY_MODELS[name] = ToyModel(name, build, description)
+
+
+register_toy_model("llama", _llama, "Llama-style causal LM, 2 layers, hidden 64, untied embeddings")
+register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
+register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
+
+
+def is_toy(name_or_path: str | None) -> bool:
+    return bool(name_or_path) and str(name_or_path).startswith(SCHEME)
+
+
+def toy_name(name_or_path: str) -> str:
+    name = name_or_path[len(SCHEME):]
+    if name not in TOY_MODELS:
+        raise TokPlugError(
+            f"unknown embedded model {name_or_path!r}",
+            fix=f"use one of: {', '.join(SCHEME + n for n in TOY_MODELS)}, a Hub id, or a local folder",
+        )
+    return name
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HF_TOKPLUG_CACHE", Path.home() / ".cache" / "hf_tokplug"))
+
+
+def load_toy_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ASSETS))
+
+
+def toy_config(name_or_path: str) -> Any:
+    """The model config of a toy model, without building weights (for validation)."""
+    cfg, _ = TOY_MODELS[toy_name(name_or_path)].build(_toy_vocab_size())
+    return cfg
+
+
+@cache
+def _toy_vocab_size() -> int:
+    return len(json.loads((ASSETS / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+
+
+def toy_model_path(name_or_path: str) -> Path:
+    """Build (once, under a file lock) and cache the toy model; return its local folder."""
+    import torch
+    from filelock import FileLock
+
+    name = toy_name(name_or_path)
+    cfg, model_cls = TOY_MODELS[name].build(_toy_vocab_size())
+    digest = hashlib.sha256(
+        (cfg.to_json_string() + (ASSETS / "tokenizer.json").read_text(encoding="utf-8") + str(BUILD_VERSION)).encode()
+    ).hexdigest()[:12]
+    target = cache_root() / "toy" / f"{name}-{digest}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                model = model_cls(cfg)
+            model.save_pretrained(tmp)
+            load_toy_tokenizer().save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> str:
+    """A loadable location: the cached folder for ``toy://`` ids, the input otherwise."""
+    return str(toy_model_path(name_or_path)) if is_toy(name_or_path) else name_or_path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------------------------
+
+TOY_DATASETS = ("kjv-chat", "kjv-completion", "kjv-text")
+
+
+@cache
+def _verses() -> list[dict[str, str]]:
+    with (ASSETS / "kjv_excerpt.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _split_verse(text: str) -> tuple[str, str]:
+    """Split a verse at the word boundary nearest its middle."""
+    words = text.split()
+    cut = max(1, len(words) // 2)
+    return " ".join(words[:cut]), " ".join(words[cut:])
+
+
+def load_toy_dataset(path: str, split: str = "train") -> Any:
+    from datasets import Dataset
+
+    name = path[len(SCHEME):]
+    if name not in TOY_DATASETS:
+        raise TokPlugError(f"unknown embedded dataset {path!r}", fix=f"use one of: {', '.join(SCHEME + n for n in TOY_DATASETS)}")
+    if split not in ("train", "eval"):
+        raise TokPlugError(f"embedded dataset {path!r} has splits train and eval, not {split!r}")
+    rows = []
+    for i, verse in enumerate(_verses()):
+        if (i % 10 == 9) != (split == "eval"):
+            continue
+        head, tail = _split_verse(verse["text"])
+        if not tail:
+            continue
+        prompt = f"Continue the verse from {verse['citation']}: {head}"
+        if name == "kjv-chat":
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": tail}]})
+        elif name == "kjv-completion":
+            rows.append({"prompt": prompt + "\n", "completion": tail})
+        else:
+            rows.append({"text": verse["text"]})
+    return Dataset.from_list(rows)

@@ -1,0 +1,1 @@
+"""Built-in recipes, packaged as ``hf_tokplug_recipes`` so that ``tokplug recipes ls|cp`` works from any install."""
