@@ -185,6 +185,13 @@ class RunContext:
         return push_folder(folder, repo_id, private=private, **kwargs)
 
 
+def _infer_task(model: Any) -> str | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "causal_lm_sft" if type(base).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) else None
+
+
 def _untied_output_module_name(model: Any) -> str | None:
     if model is None or model.get_output_embeddings() is None:
         return None
@@ -200,6 +207,7 @@ def apply(
     plugins: dict[str, Any] | None = None,
     *,
     peft_config: Any = None,
+    task: str | None = None,
     seed: int = 42,
     pad_to_multiple_of: int | None = None,
 ) -> RunContext:
@@ -208,6 +216,7 @@ def apply(
     Runs validate -> prepare_tokenizer -> (resize, init new rows) -> prepare_model -> adapter (when ``peft_config``
     is given) -> post_model_load. Use ``ctx.model``/``ctx.tokenizer`` afterwards (a plugin may replace the model),
     ``ctx.wrap_collator(collator)`` for your collator, and ``ctx.attach(trainer)`` for loss terms and state.
+    ``task`` (inferred for causal LMs) tells ``hf_tokplug.from_pretrained`` how to load the saved model.
 
     Example::
 
@@ -216,7 +225,7 @@ def apply(
         trainer.train()
         ctx.save_pretrained("out")
     """
-    ctx = RunContext.create(plugins or {}, seed=seed)
+    ctx = RunContext.create(plugins or {}, seed=seed, task=task or _infer_task(model))
     ctx.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
     ctx.call("tokplug_validate")
     ctx.prepare_tokenizer(tokenizer)

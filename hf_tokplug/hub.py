@@ -170,7 +170,10 @@ def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = N
     ctx.added_tokens = [AddedToken(**t) for t in data.get("added_tokens", [])]
     runners = manager.registries().runners
     if ctx.task not in runners:
-        raise TokPlugError(f"{folder / MANIFEST}: task {ctx.task!r} is not available", fix="install the plugin that provides it")
+        raise TokPlugError(
+            f"{folder / MANIFEST}: task {ctx.task!r} is not available",
+            fix="install the plugin that provides the task (for hf_tokplug.apply, pass task=...)",
+        )
     runners[ctx.task].load_pretrained(ctx, folder, data)
     for entry in data["plugins"]:
         ctx.state_files[entry["name"]] = list(entry.get("state_files", []))

@@ -99,9 +99,17 @@ def compute_loss_with_terms(
     captured: dict[str, Any] = {}
     unwrapped = _unwrap(model)
     backbone = _backbone(unwrapped)
-    handles = [unwrapped.register_forward_hook(lambda _m, _a, out: captured.setdefault("output", out))]
+
+    # Forward hooks must return None (a returned value would replace the module's output).
+    def keep_output(_module: Any, _args: Any, out: Any) -> None:
+        captured.setdefault("output", out)
+
+    def keep_hidden(_module: Any, _args: Any, out: Any) -> None:
+        captured.setdefault("hidden", _hidden(out))
+
+    handles = [unwrapped.register_forward_hook(keep_output)]
     if backbone is not None:
-        handles.append(backbone.register_forward_hook(lambda _m, _a, out: captured.setdefault("hidden", _hidden(out))))
+        handles.append(backbone.register_forward_hook(keep_hidden))
     try:
         result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
     finally:

@@ -39,6 +39,7 @@ class Runner:
         self.recipe = recipe
         self.source = source
         self.notes: list[str] = []
+        self.ctx: RunContext | None = None  # set by run(): the model, tokenizer and plugins after the run
 
     # ------------------------------------------------------------------------------------------------ checks
 
@@ -118,11 +119,30 @@ class Runner:
         return TrainingArguments
 
     def check_train_args(self) -> None:
+        """Unknown keys and wrong types under ``train`` are errors before anything loads."""
         import dataclasses
+        import typing
+
+        from pydantic import TypeAdapter, ValidationError
 
         cls = self.training_args_class()
         fields = {f.name for f in dataclasses.fields(cls)}
-        for key in self.recipe.train:
+        hints = typing.get_type_hints(cls)
+        for key, value in self.recipe.train.items():
+            if key in fields and key in hints:
+                try:
+                    adapter = TypeAdapter(hints[key])
+                except Exception:  # an annotation pydantic cannot express: Trainer checks it at run time
+                    adapter = None
+                if adapter is not None:
+                    try:
+                        adapter.validate_python(value)
+                    except ValidationError as exc:
+                        raise RecipeError(
+                            f"invalid value {value!r} for trainer argument {key!r}: {exc.errors()[0]['msg']}",
+                            where=f"{self.source}: train.{key}",
+                            fix=f"expected {hints[key]}",
+                        ) from None
             if key not in fields:
                 close = difflib.get_close_matches(key, fields, n=1)
                 raise RecipeError(
@@ -220,7 +240,7 @@ class Runner:
 
         from ..rundir import prepare_output_dir
 
-        ctx = self.validate()
+        ctx = self.ctx = self.validate()
         state = PartialState()
         out = Path(self.recipe.output_dir)
         lock = None
