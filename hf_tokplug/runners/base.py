@@ -129,7 +129,7 @@ class Runner:
         fields = {f.name for f in dataclasses.fields(cls)}
         hints = typing.get_type_hints(cls)
         for key, value in self.recipe.train.items():
-            if key in fields and key in hints:
+            if key in fields and key in hints and key != "resume_from_checkpoint":  # the host resolves `true`
                 try:
                     adapter = TypeAdapter(hints[key])
                 except Exception:  # an annotation pydantic cannot express: Trainer checks it at run time
@@ -216,9 +216,31 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ run folder
 
-    def resume_checkpoint(self) -> str | bool | None:
+    def resume_checkpoint(self) -> str | None:
+        """``train.resume_from_checkpoint``: a path, or ``true`` for the latest *complete* checkpoint.
+
+        A run killed while Trainer was writing a checkpoint leaves that folder partial; TokPlugCallback writes
+        tokplug.json only after Trainer finished the checkpoint, so folders without it are skipped.
+        """
         value = self.recipe.train.get("resume_from_checkpoint")
-        return value or None
+        if not value:
+            return None
+        if value is not True:
+            return str(value)
+        from ..hub import MANIFEST
+
+        out = Path(self.recipe.output_dir)
+        complete = sorted(
+            (p for p in out.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and (p / MANIFEST).is_file()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        if not complete:
+            raise RecipeError(
+                f"train.resume_from_checkpoint is true but {out} has no complete checkpoint",
+                where=f"{self.source}: train.resume_from_checkpoint",
+                fix="start a fresh run (drop the key, set overwrite: true), or give a checkpoint path",
+            )
+        return str(complete[-1])
 
     def write_run_header(self, ctx: RunContext) -> None:
         from ..rundir import record_start, write_text_atomic
