@@ -263,7 +263,9 @@ class Runner:
         from ..rundir import prepare_output_dir
 
         ctx = self.ctx = self.validate()
-        state = PartialState()
+        # The distributed state is a process-wide singleton: created here first, it must already know that a
+        # machine without an accelerator trains on CPU, or ranks under torchrun/accelerate would each run alone.
+        state = PartialState(cpu=not _has_accelerator())
         out = Path(self.recipe.output_dir)
         lock = None
         if state.is_main_process:
@@ -289,6 +291,12 @@ class Runner:
 
     def execute(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError
+
+
+def _has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
 def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:

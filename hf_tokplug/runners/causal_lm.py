@@ -10,7 +10,7 @@ from ..context import RunContext
 from ..data import load_data, tokenize_dataset
 from ..errors import RecipeError
 from ..training import trainer_class
-from .base import Runner, jsonable
+from .base import Runner, _has_accelerator, jsonable
 
 
 def _bf16_supported() -> bool:
@@ -33,6 +33,8 @@ class CausalLMSFT(Runner):
         train.pop("resume_from_checkpoint", None)
         if "bf16" not in train and "fp16" not in train:
             train["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
+        # Without an accelerator, TrainingArguments only sets up CPU ranks (gloo under torchrun) with use_cpu.
+        train.setdefault("use_cpu", not _has_accelerator())
         train.setdefault("report_to", "none")
         # The host tokenizes (so plugins and `tokplug preview` see the real examples) and keeps raw columns for
         # plugin collators; TRL's own preparation is skipped.
