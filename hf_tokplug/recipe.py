@@ -133,9 +133,18 @@ class Recipe(Strict):
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.1 wants ``1.0e-4``; learning rates hit this)."""
+    """SafeLoader with YAML 1.2 scalars where 1.1 bites recipes: ``1e-4`` is a float (1.1 wants ``1.0e-4``), and
+    only ``true``/``false`` are booleans (1.1 also reads ``no``/``yes``/``on``/``off``, but ``eval_strategy: no``
+    is a string)."""
 
 
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),

@@ -65,3 +65,8 @@ def test_apply_overrides_does_not_mutate():
     data = {"a": {"b": 1}}
     assert apply_overrides(data, ["a.b=2", "a.c.d=x"]) == {"a": {"b": 2, "c": {"d": "x"}}}
     assert data == {"a": {"b": 1}}
+
+
+def test_yaml_12_booleans_keep_no_a_string(recipe_file):
+    recipe = load_recipe(recipe_file(), ["train.eval_strategy=no", "train.save_strategy=no", "overwrite=true"])
+    assert recipe.train["eval_strategy"] == "no" and recipe.train["save_strategy"] == "no" and recipe.overwrite is True
