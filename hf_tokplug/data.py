@@ -52,7 +52,8 @@ def check_dataset_spec(spec: DatasetSpec, key: str, source: str) -> None:
                 where=f"{source}: {key}.data_files",
                 fix="relative paths resolve against the current directory; check the path or run from the right folder",
             )
-    if spec.data_files is None and os.path.sep in spec.path and not os.path.exists(spec.path):
+    # `org/name` is a Hub id; only an explicit local path (./x, ../x, /x, ~/x) can be checked here
+    if spec.data_files is None and spec.path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec.path)):
         raise RecipeError(
             f"dataset folder not found: {spec.path}", where=f"{source}: {key}.path", fix="check the path"
         )

@@ -9,8 +9,8 @@ Aggregation rules (the ``rule`` of each spec, enforced by :class:`hf_tokplug.man
 - ``first``: implementations are called until one returns something other than ``None``; that value is used.
 - ``chain``: each implementation receives the value returned by the previous one (``None`` keeps it unchanged).
 - ``extend``: each implementation returns a list (or ``None``); the lists are concatenated.
-- ``merge``: each implementation returns a dict (or ``None``); the dicts are merged. Keys are namespaced by the
-  plugin's name where the spec says so; a key returned by two plugins is an error.
+- ``merge``: each implementation returns a dict (or ``None``); keys are namespaced ``<plugin>/<key>`` and the
+  dicts are merged (so two plugins never overwrite each other).
 
 Every spec here is documented in docs/hooks.md (a test fails when one is missing).
 """
@@ -222,7 +222,7 @@ def tokplug_callbacks(ctx: RunContext) -> list[Any] | None:
     """Return extra :class:`transformers.TrainerCallback` instances for the trainer.
 
     Fires: once per run, when the trainer is created (also by ``ctx.attach``).
-    Rule: list extend.
+    Rule: extend (the lists are concatenated).
     """
 
 
@@ -317,5 +317,5 @@ def tokplug_model_card(ctx: RunContext) -> list[str] | None:
     """Return Markdown sections for the model card (usage notes, results, the method's citation is automatic).
 
     Fires: once per saved output folder, when README.md is written.
-    Rule: list extend.
+    Rule: extend (the lists are concatenated).
     """
