@@ -83,8 +83,9 @@ def run_plain(steps: int, out: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://llama"), dtype="float32")
     tokenizer = toy.load_toy_tokenizer()
     data = toy.load_toy_dataset("toy://kjv-chat").select(range(2000))
-    args = SFTConfig(output_dir=str(out), max_length=128, assistant_only_loss=True, bf16=False, use_cpu=True,
-                     **train_args(steps))
+    gpu = torch.cuda.is_available()  # the same defaults the host picks
+    args = SFTConfig(output_dir=str(out), max_length=128, assistant_only_loss=True, bf16=gpu and torch.cuda.is_bf16_supported(),
+                     use_cpu=not gpu, **train_args(steps))
     SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer]).train()
     return timer.step_time()
 

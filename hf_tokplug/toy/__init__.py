@@ -1,6 +1,7 @@
 """The embedded default: ``toy://`` models and datasets that need no download.
 
     toy://llama      Llama-style causal LM, untied embeddings
+    toy://llama-medium  the same family at ~27M parameters (GPU checks, bf16)
     toy://qwen2      Qwen2-style causal LM, tied embeddings
     toy://gpt-neox   GPT-NeoX causal LM (parallel attention, rotary on part of the head)
 
@@ -53,6 +54,17 @@ def _llama(vocab: int) -> tuple[Any, type]:
     return cfg, LlamaForCausalLM
 
 
+def _llama_medium(vocab: int) -> tuple[Any, type]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=5, pad_token_id=3,
+    )
+    return cfg, LlamaForCausalLM
+
+
 def _qwen2(vocab: int) -> tuple[Any, type]:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -84,6 +96,7 @@ def register_toy_model(name: str, build: Callable[[int], tuple[Any, type]], desc
 
 
 register_toy_model("llama", _llama, "Llama-style causal LM, 2 layers, hidden 64, untied embeddings")
+register_toy_model("llama-medium", _llama_medium, "Llama-style causal LM, 8 layers, hidden 512 (~27M params), for GPU checks")
 register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 
