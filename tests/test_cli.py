@@ -104,3 +104,13 @@ def test_non_empty_output_needs_overwrite(capsys, recipe_file, tmp_path):
     code, _, err = run_cli(capsys, "run", str(recipe_file()), "overwrite=true")
     assert code == 2 and "not written by tokplug" in err
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_prepare_task_evaluates_and_saves_without_training(capsys, recipe_file, tmp_path):
+    code, out, err = run_cli(capsys, "run", str(recipe_file(task="causal_lm_prepare", plugins={"zloss": {"weight": 0.1}})),
+                             "data.eval={path: toy://kjv-chat, split: eval}", "data.max_samples=8")
+    assert code == 0, err
+    run_dir = tmp_path / "out"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_loss"] > 0 and "eval_zloss/z" in metrics and "train_loss" not in metrics
+    assert (run_dir / "model.safetensors").is_file() and json.loads((run_dir / "tokplug.json").read_text())["task"] == "causal_lm_prepare"
