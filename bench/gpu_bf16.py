@@ -82,9 +82,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA device"}))
         return
-    manager.register_plugin("bench_timer", TimerPlugin)
     results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, manager.registered("bench_timer", TimerPlugin):
         run("warmup", Path(tmp), 30, True, False, args.batch)  # CUDA context, kernels, allocator: not measured
         for name, bf16, zloss in (("bf16", True, False), ("fp32", False, False), ("bf16_zloss", True, True)):
             results[name] = run(name, Path(tmp), args.steps, bf16, zloss, args.batch)

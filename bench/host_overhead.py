@@ -13,6 +13,7 @@ dispatch through the host, over broadcast, chain, merge and extend hooks with th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -109,9 +110,9 @@ class Noop(Plugin):
 
 
 def hook_call_us(calls: int = 20000) -> float:
-    for i in range(3):
-        manager.register_plugin(f"bench_noop_{i}", Noop)
-    try:
+    with contextlib.ExitStack() as stack:
+        for i in range(3):
+            stack.enter_context(manager.registered(f"bench_noop_{i}", Noop))
         ctx = RunContext.create({f"bench_noop_{i}": None for i in range(3)})
         hooks = [
             ("tokplug_validate", {}), ("tokplug_prepare_dataset", {"dataset": [], "split": "train"}),
@@ -122,9 +123,6 @@ def hook_call_us(calls: int = 20000) -> float:
             name, kwargs = hooks[i % len(hooks)]
             ctx.call(name, **kwargs)
         return (time.perf_counter() - start) / calls * 1e6
-    finally:
-        for i in range(3):
-            manager.unregister_plugin(f"bench_noop_{i}")
 
 
 def main() -> None:
@@ -133,9 +131,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
-    manager.register_plugin("bench_timer", TimerPlugin)
     recipe_times, plain_times = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, manager.registered("bench_timer", TimerPlugin):
         for r in range(args.rounds):
             order = [("recipe", run_recipe), ("plain", run_plain)]
             if r % 2:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pluggy
 from pydantic import BaseModel, ValidationError
@@ -62,6 +63,16 @@ def register_plugin(name: str, cls: type, version: str | None = None) -> None:
 def unregister_plugin(name: str) -> None:
     _RUNTIME.pop(name, None)
     _reset_caches()
+
+
+@contextmanager
+def registered(name: str, cls: type) -> Iterator[None]:
+    """``with registered("name", MyPlugin): ...`` makes a plugin available for the block only."""
+    register_plugin(name, cls)
+    try:
+        yield
+    finally:
+        unregister_plugin(name)
 
 
 def _reset_caches() -> None:

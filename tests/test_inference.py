@@ -24,11 +24,8 @@ class Shout(Plugin):
 
 @pytest.fixture(autouse=True)
 def plugin():
-    manager.register_plugin("shout", Shout)
-    try:
+    with manager.registered("shout", Shout):
         yield
-    finally:
-        manager.unregister_plugin("shout")
 
 
 def test_generate_runs_hooks():

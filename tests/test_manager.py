@@ -41,15 +41,9 @@ class FirstPlugin(Plugin):
 
 @pytest.fixture
 def registered():
-    names = ["order_a", "order_b", "first"]
-    manager.register_plugin("order_a", OrderPlugin)
-    manager.register_plugin("order_b", OrderPlugin)
-    manager.register_plugin("first", FirstPlugin)
-    try:
+    with manager.registered("order_a", OrderPlugin), manager.registered("order_b", OrderPlugin), \
+            manager.registered("first", FirstPlugin):
         yield
-    finally:
-        for name in names:
-            manager.unregister_plugin(name)
 
 
 def test_rules_and_recipe_order(registered):
@@ -105,12 +99,9 @@ def test_misspelled_hook_fails_check_pending():
         def tokplug_prepare_modle(self, ctx, model):
             return model
 
-    manager.register_plugin("typo", Typo)
-    try:
+    with manager.registered("typo", Typo):
         with pytest.raises(PluginError, match="does not exist"):
             RunContext.create({"typo": None})
-    finally:
-        manager.unregister_plugin("typo")
 
 
 def test_chain_hook_cannot_be_wrapper():
@@ -119,12 +110,9 @@ def test_chain_hook_cannot_be_wrapper():
         def tokplug_prepare_model(self, ctx, model):
             return (yield)
 
-    manager.register_plugin("wrapper", Wrapper)
-    try:
+    with manager.registered("wrapper", Wrapper):
         with pytest.raises(PluginError, match="cannot be a wrapper"):
             RunContext.create({"wrapper": None})
-    finally:
-        manager.unregister_plugin("wrapper")
 
 
 def test_allow_list_filters_entry_points(monkeypatch):
@@ -154,12 +142,9 @@ def test_register_conflicts_are_errors():
         def tokplug_register_token_inits(register):
             register("mean", lambda request: None)
 
-    manager.register_plugin("dup", Dup)
-    try:
+    with manager.registered("dup", Dup):
         with pytest.raises(PluginError, match="token-init strategy 'mean' is registered twice"):
             manager.registries()
-    finally:
-        manager.unregister_plugin("dup")
 
 
 def test_public_api_exports():

@@ -41,11 +41,8 @@ class AddTokensPlugin(Plugin):
 
 @pytest.fixture(autouse=True)
 def plugin():
-    manager.register_plugin("addtok", AddTokensPlugin)
-    try:
+    with manager.registered("addtok", AddTokensPlugin):
         yield
-    finally:
-        manager.unregister_plugin("addtok")
 
 
 def _model(name="toy://llama"):

@@ -23,7 +23,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,24 +43,14 @@ class ToyModel:
     description: str
 
 
-def _llama(vocab: int) -> tuple[Any, type]:
+def _llama(vocab: int, hidden: int = 64, intermediate: int = 172, layers: int = 2, heads: int = 4,
+           kv_heads: int = 2) -> tuple[Any, type]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=5, pad_token_id=3,
-    )
-    return cfg, LlamaForCausalLM
-
-
-def _llama_medium(vocab: int) -> tuple[Any, type]:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
-        num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0,
-        bos_token_id=1, eos_token_id=5, pad_token_id=3,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048,
+        tie_word_embeddings=False, rope_theta=10000.0, bos_token_id=1, eos_token_id=5, pad_token_id=3,
     )
     return cfg, LlamaForCausalLM
 
@@ -96,7 +86,7 @@ def register_toy_model(name: str, build: Callable[[int], tuple[Any, type]], desc
 
 
 register_toy_model("llama", _llama, "Llama-style causal LM, 2 layers, hidden 64, untied embeddings")
-register_toy_model("llama-medium", _llama_medium, "Llama-style causal LM, 8 layers, hidden 512 (~27M params), for GPU checks")
+register_toy_model("llama-medium", partial(_llama, hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=4), "Llama-style causal LM, 8 layers, hidden 512 (~27M params), for GPU checks")
 register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 
