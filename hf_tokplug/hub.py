@@ -119,8 +119,6 @@ def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, 
             model.save_pretrained(staging)
         if ctx.tokenizer is not None:
             ctx.tokenizer.save_pretrained(staging)
-        if ctx.pipeline is not None and model is None:
-            ctx.pipeline.save_pretrained(staging)
         save_plugin_state(ctx, staging)
         if metrics is not None:
             write_json_atomic(staging / "metrics.json", metrics)
