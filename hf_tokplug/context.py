@@ -163,9 +163,13 @@ class RunContext:
 
     # ------------------------------------------------------------------------------------------------ logging, state
 
-    def log(self, name: str, value: float) -> None:
-        """Queue a plugin metric; it is averaged and logged with the trainer's next log line."""
-        self.pending_logs[name].append(float(value))
+    def log(self, name: str, value: float, split: str = "train") -> None:
+        """Queue a plugin metric; it is averaged into the trainer's next log line of that split.
+
+        ``split="eval"`` values land in the evaluation's metrics as ``eval_<name>`` (usable as
+        ``metric_for_best_model: <name>``); ``"train"`` values in the next training log line.
+        """
+        self.pending_logs[f"{split}:{name}"].append(float(value))
 
     def add_state_file(self, plugin: str, filename: str) -> None:
         if filename not in self.state_files[plugin]:

@@ -149,10 +149,11 @@ def log_with_terms(trainer: Any, ctx: Any, log: Callable[..., Any], logs: dict[s
     prefix = "eval_" if mode == "eval" else ""
     for name, values in host.pop(f"terms_{mode}", {}).items():
         logs[f"{prefix}{name}"] = torch.stack([v.float() for v in values]).mean().item()
-    if mode == "train" and "loss" in logs:  # a step log line, not the end-of-training summary
-        for name, values in list(ctx.pending_logs.items()):
-            logs[name] = sum(values) / len(values)
-        ctx.pending_logs.clear()
+    if mode == "eval" or "loss" in logs:  # not the end-of-training summary line
+        for key in [k for k in ctx.pending_logs if k.startswith(f"{mode}:")]:
+            values = ctx.pending_logs.pop(key)
+            logs[prefix + key.split(":", 1)[1]] = sum(values) / len(values)
+    if mode == "train" and "loss" in logs:
         now = time.perf_counter()
         tokens = host.get("tokens")
         if tokens is not None and "last_log" in host:
