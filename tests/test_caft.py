@@ -110,6 +110,9 @@ def test_stage_b_uses_frozen_heads_and_saves_a_plain_model(tmp_path):
         data={"eval": {"path": "toy://kjv-chat", "split": "eval"}},
         train={"eval_strategy": "steps", "eval_steps": 2, "metric_for_best_model": "caft/selection",
                "greater_is_better": False, "save_strategy": "steps", "save_steps": 2, "load_best_model_at_end": True})
+    heads = runner.ctx.plugins["caft"].heads
+    assert not [n for n, _ in heads.named_modules() if "lora" in n]  # kept out of LoRA (exclude_modules)
+    assert [n for n, _ in runner.ctx.model.named_modules() if n.endswith("lora_A")]  # while the base has it
     before = load_file(str(heads_dir / "caft_heads.safetensors"))
     after = runner.ctx.plugins["caft"].heads.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # frozen in stage B
