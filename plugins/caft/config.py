@@ -36,6 +36,8 @@ class CAFTConfig(PluginConfig):
         keep_heads: save the heads beside the final model (restored by ``hf_tokplug.from_pretrained``); by default
             they are dropped and a plain HF model is saved. Stage ``heads`` always saves them.
         chunk_size: positions per chunk when a head's logits are computed (memory: chunk x vocab).
+        checkpoint_heads: recompute each head's layer in backward instead of storing its activations (one extra
+            head forward per step; without it, n transformer heads keep n decoder layers' activations).
     """
 
     stage: Literal["heads", "finetune"] = Field("finetune", description="heads (Stage A) or finetune (Stage B).")
@@ -51,6 +53,7 @@ class CAFTConfig(PluginConfig):
     train_lm_head: bool = Field(False, description="Train the LM head in full fine-tuning.")
     keep_heads: bool = Field(False, description="Save the heads with the final model.")
     chunk_size: int = Field(1024, ge=1, description="Positions per logits chunk.")
+    checkpoint_heads: bool = Field(True, description="Recompute head layers in backward to save memory.")
 
     @property
     def weight(self) -> float:

@@ -10,7 +10,8 @@ the LM head sees. Two head types:
 
 Unembedding: shared with the model's LM head (default) or a separate copy per head. Losses are computed one head at a
 time and, within a head, over chunks of valid positions under activation checkpointing, so no
-``(B, T, V)`` logits tensor is ever kept: peak extra memory is one ``(chunk, V)`` block.
+``(B, T, V)`` logits tensor is ever kept: peak extra memory is one ``(chunk, V)`` block. Each head's layer is
+checkpointed too (by default), so a head keeps about one ``(B, T, H)`` tensor for backward.
 """
 
 from __future__ import annotations
@@ -149,13 +150,21 @@ class HeadLoss:
 
 
 def head_losses(heads: CAFTHeads, model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None, chunk_size: int) -> list[HeadLoss]:
-    """Per head i (1-based): CE of head(hidden)[:, t] against labels[:, t + 1 + i], chunked over valid positions."""
+                attention_mask: torch.Tensor | None, chunk_size: int, checkpoint_heads: bool = True) -> list[HeadLoss]:
+    """Per head i (1-based): CE of head(hidden)[:, t] against labels[:, t + 1 + i], chunked over valid positions.
+
+    With ``checkpoint_heads`` each head's own layer is recomputed in backward instead of keeping its activations,
+    so the heads add about one ``(B, T, H)`` tensor each to the memory of a step.
+    """
     ctx = head_context(model, hidden, attention_mask) if any(isinstance(h, BlockHead) for h in heads.heads) else HeadContext()
     shared = model.get_output_embeddings().weight  # (V, H)
     out = []
     for i, head in enumerate(heads.heads, start=1):
-        h = head(hidden, mask=ctx.mask, position_embeddings=ctx.position_embeddings, position_ids=ctx.position_ids)
+        kwargs = {"mask": ctx.mask, "position_embeddings": ctx.position_embeddings, "position_ids": ctx.position_ids}
+        if checkpoint_heads and torch.is_grad_enabled():
+            h = checkpoint(head, hidden, use_reentrant=False, **kwargs)
+        else:
+            h = head(hidden, **kwargs)
         shift = 1 + i
         states, targets = h[:, :-shift], labels[:, shift:]  # (B, T-1-i, H), (B, T-1-i)
         valid = targets != -100

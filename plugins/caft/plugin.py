@@ -168,7 +168,7 @@ class CAFTPlugin(Plugin):
         s = schedule_value(self.config.schedule_name, state.global_step, state.max_steps) if state else 1.0
         base = _base(ctx.model)
         losses = head_losses(self.heads, base, outputs.last_hidden_state, inputs["labels"],
-                             inputs.get("attention_mask"), self.config.chunk_size)
+                             inputs.get("attention_mask"), self.config.chunk_size, self.config.checkpoint_heads)
         split = "train" if model.training else "eval"
         terms, selection = {}, 0.0
         for i, hl in enumerate(losses, start=1):
