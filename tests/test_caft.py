@@ -147,3 +147,27 @@ def test_heads_that_do_not_fit_are_refused(tmp_path):
     _stage_a(tmp_path, num_heads=2)
     with pytest.raises(PluginError, match="do not fit"):
         run_recipe(tmp_path, "mismatch", plugins={"caft": {"num_heads": 3, "heads_path": str(tmp_path / "heads")}})
+
+
+def test_heads_from_a_hub_repo(tmp_path, monkeypatch):
+    from fake_hub import fake_hub
+
+    from hf_tokplug.hub import push_folder
+
+    _stage_a(tmp_path)
+    with fake_hub(monkeypatch) as hub:
+        push_folder(tmp_path / "heads", "me/caft-heads")
+        assert "caft_heads.safetensors" in hub.repos["me/caft-heads"]["files"]
+        runner, _ = run_recipe(tmp_path, "from-hub", plugins={"caft": {"num_heads": 2, "heads_path": "me/caft-heads"}})
+    want = load_file(str(tmp_path / "heads" / "caft_heads.safetensors"))
+    got = runner.ctx.plugins["caft"].heads.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_full_finetune_keeps_lm_head_frozen_by_default(tmp_path):
+    runner, _ = run_recipe(tmp_path, "full", plugins={"caft": {"num_heads": 1, "train_heads": True}},
+                           train={"learning_rate": 1e-2})
+    base = _model()
+    trained = runner.ctx.model
+    torch.testing.assert_close(trained.get_output_embeddings().weight, base.get_output_embeddings().weight, rtol=0, atol=0)
+    assert (trained.get_input_embeddings().weight - base.get_input_embeddings().weight).abs().max() > 0
