@@ -126,8 +126,10 @@ def eval_batches(tokenizer, spec: DataSpec, split: str, n: int = 256, batch: int
 @torch.no_grad()
 def next_token_eval_loss(model, batches) -> float:
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for b in batches:
+        b = {k: v.to(device) for k, v in b.items()}
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
         labels = b["labels"][:, 1:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
