@@ -10,9 +10,10 @@ from .hookspecs import hookimpl
 @hookimpl
 def tokplug_register_runners(register: Callable[[str, type], None]) -> None:
     from .runners.causal_lm import CausalLMPrepare, CausalLMSFT
+    from .runners.masked_diffusion import MaskedDiffusionSFT
 
-    register(CausalLMSFT.task, CausalLMSFT)
-    register(CausalLMPrepare.task, CausalLMPrepare)
+    for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT):
+        register(runner.task, runner)
 
 
 @hookimpl

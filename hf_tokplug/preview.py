@@ -44,20 +44,21 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
         ids = batch["input_ids"][row].tolist()
         labels = batch["labels"][row].tolist() if "labels" in batch else [None] * len(ids)
         attn = batch["attention_mask"][row].tolist() if "attention_mask" in batch else [1] * len(ids)
+        padded = batch["pad_mask"][row].tolist() if "pad_mask" in batch else [a == 0 for a in attn]
         table = Table("pos", "token", "id", "label", "attn", "note", title=f"example {row}")
         trained = sum(1 for x in labels if x is not None and x != -100)
-        for pos, (tid, lab, att) in enumerate(zip(ids, labels, attn)):
+        for pos, (tid, lab, att) in enumerate(zip(ids, labels, attn)):  # noqa: B007
             if pos >= max_tokens:
                 table.add_row("...", f"{len(ids) - max_tokens} more", "", "", "", "")
                 break
             notes = []
             if tid in added:
                 notes.append(f"added by {added[tid].plugin}")
-            if att == 0 or (tid == pad_id and pos > 0 and ids[pos - 1] == pad_id):
+            if padded[pos] or (tid == pad_id and pos > 0 and ids[pos - 1] == pad_id):
                 notes.append("pad")
             label = "-" if lab is None else ("masked" if lab == -100 else str(lab))
             style = "dim" if label == "masked" else ("magenta" if tid in added else None)
             table.add_row(str(pos), repr(tokenizer.convert_ids_to_tokens(tid)), str(tid), label, str(att), ", ".join(notes), style=style)
         console.print(table)
-        summary["examples"].append({"length": len(ids), "trained_tokens": trained, "pads": attn.count(0)})
+        summary["examples"].append({"length": len(ids), "trained_tokens": trained, "pads": sum(map(bool, padded))})
     return summary

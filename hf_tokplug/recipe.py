@@ -113,6 +113,9 @@ class Recipe(Strict):
     train: dict[str, Any] = Field(
         default_factory=dict, description="Trainer arguments (TRL SFTConfig / TrainingArguments fields)."
     )
+    task_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the task itself, validated by the runner (see the task's docs)."
+    )
     output_dir: str = Field("runs/{task}", description="Run folder; {task} is replaced by the task name.")
     overwrite: bool = Field(False, description="Replace a previous run in output_dir (never an unrelated folder).")
     hub: HubSpec = Field(default_factory=HubSpec, description="Upload at the end of the run (see the hub section).")

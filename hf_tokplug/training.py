@@ -40,11 +40,15 @@ class ForwardCapture:
             ``FusedCausalLMOutput`` with per-token log-probs for ``SFTTrainer``, which never builds logits).
         last_hidden_state: ``(B, T, H)`` output of the backbone (after its final norm, before the LM head), or
             ``None`` when the model has no separable backbone.
+        shift: the output at position t is scored against ``labels[:, t + shift]``: 1 for causal LMs (next
+            token), 0 for masked-diffusion LMs (the position's own token). Set by the task's trainer
+            (``tokplug_label_shift``).
     """
 
     loss: torch.Tensor
     model_output: Any
     last_hidden_state: torch.Tensor | None
+    shift: int = 1
 
 
 def _unwrap(model: Any) -> Any:
@@ -90,9 +94,10 @@ def compute_loss_with_terms(
     """Run ``compute_loss`` and add the plugins' named loss terms (see module docstring)."""
     training = model.training
     host = ctx.state["_host"]
-    if training and "attention_mask" in inputs:
+    if training:
         host.setdefault("last_log", time.perf_counter())
-        host["tokens"] = host.get("tokens", 0) + inputs["attention_mask"].sum().detach()
+        seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
+        host["tokens"] = host.get("tokens", 0) + (seen.detach() if torch.is_tensor(seen) else seen)
     if not ctx.hooks.has("tokplug_loss_terms"):
         return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
@@ -117,7 +122,8 @@ def compute_loss_with_terms(
             handle.remove()
     loss, rest = (result[0], result[1:]) if return_outputs else (result, ())
 
-    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"))
+    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"),
+                             getattr(trainer, "tokplug_label_shift", 1))
     terms = ctx.call("tokplug_loss_terms", model=model, inputs=inputs, outputs=capture)
     if terms:
         scaled = _loss_scaled_for_ga(trainer, num_items_in_batch)

@@ -27,6 +27,7 @@ class Runner:
         auto_class: the transformers Auto class name that loads the model.
         model_mapping: name of the transformers mapping (in ``transformers.models.auto.modeling_auto``) whose model
             types fit this task; ``None`` skips the check.
+        options_class: pydantic model of the recipe's ``task_options`` block (``None``: the task takes none).
     """
 
     task: ClassVar[str]
@@ -34,14 +35,35 @@ class Runner:
     needs_data: ClassVar[bool] = True
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
     model_mapping: ClassVar[str | None] = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"
+    options_class: ClassVar[type | None] = None
 
     def __init__(self, recipe: Recipe, source: str = "<recipe>"):
         self.recipe = recipe
         self.source = source
+        self.options = self.parse_options()
         self.notes: list[str] = []
         self.ctx: RunContext | None = None  # set by run(): the model, tokenizer and plugins after the run
 
     # ------------------------------------------------------------------------------------------------ checks
+
+    def parse_options(self) -> Any:
+        from pydantic import ValidationError
+
+        raw = self.recipe.task_options
+        if self.options_class is None:
+            if raw:
+                raise RecipeError(f"task {self.task!r} takes no task_options", where=f"{self.source}: task_options",
+                                  fix="remove the task_options block")
+            return None
+        try:
+            return self.options_class.model_validate(raw)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise RecipeError(
+                f"invalid task option {key!r}: {err['msg']}", where=f"{self.source}: task_options.{key}",
+                fix=f"valid options of {self.task}: {', '.join(self.options_class.model_fields)}",
+            ) from None
 
     def create_context(self) -> RunContext:
         ctx = RunContext.create(self.recipe.plugins, where=self.source)
@@ -186,9 +208,30 @@ class Runner:
             modules_to_save=list(a.modules_to_save) if a.modules_to_save else None, task_type="CAUSAL_LM", **a.kwargs,
         )
 
+    def add_task_tokens(self, ctx: RunContext, tokenizer: Any) -> None:
+        """Tokens the task itself needs (e.g. a mask token), added before the plugins' tokenizer hooks."""
+
+    def trainer_arguments(self, **forced: Any) -> Any:
+        """``training_args_class()`` from the recipe's ``train`` block, host defaults, then ``forced`` values."""
+        train = dict(self.recipe.train)
+        train.pop("resume_from_checkpoint", None)  # resolved by the host, passed to train()
+        train.setdefault("report_to", "none")
+        # Without an accelerator, TrainingArguments only sets up CPU ranks (gloo under torchrun) with use_cpu.
+        train.setdefault("use_cpu", not _has_accelerator())
+        train.update(forced)
+        cls = self.training_args_class()
+        try:
+            return cls(output_dir=self.recipe.output_dir, **train)
+        except (TypeError, ValueError) as exc:
+            raise RecipeError(
+                f"invalid trainer arguments: {exc}", where=f"{self.source}: train",
+                fix=f"see the {cls.__name__} documentation for the field",
+            ) from None
+
     def build_objects(self, ctx: RunContext) -> None:
         """Tokenizer and model through the hooks, new token rows, adapter."""
         tokenizer = ctx.call("tokplug_load_tokenizer") or self.load_tokenizer(ctx)
+        self.add_task_tokens(ctx, tokenizer)
         ctx.prepare_tokenizer(tokenizer)
         model = ctx.call("tokplug_load_model") or self.load_model(ctx)
         ctx.prepare_model(model, self.recipe.model.pad_to_multiple_of)
@@ -197,17 +240,24 @@ class Runner:
         ctx.post_model_load()
 
     @classmethod
+    def pretrained_auto_class(cls, location: str) -> str:
+        """The Auto class that loads the saved model at ``location`` (tasks whose model class varies override it)."""
+        return cls.auto_class
+
+    @classmethod
     def load_pretrained(cls, ctx: RunContext, folder: Path, manifest: dict[str, Any]) -> None:
         """Set ``ctx.tokenizer`` and ``ctx.model`` from a saved folder (``hf_tokplug.from_pretrained``)."""
         import transformers
         from transformers import AutoTokenizer
 
-        auto = getattr(transformers, cls.auto_class)
+        adapter = (folder / "adapter_config.json").is_file()
+        weights = toy.resolve(manifest["base_model"]) if adapter else str(folder)
+        auto = getattr(transformers, cls.pretrained_auto_class(weights))
         ctx.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        if (folder / "adapter_config.json").is_file():
+        if adapter:
             from peft import PeftModel
 
-            base = auto.from_pretrained(toy.resolve(manifest["base_model"]))
+            base = auto.from_pretrained(weights)
             if base.get_input_embeddings().weight.shape[0] < len(ctx.tokenizer):
                 base.resize_token_embeddings(len(ctx.tokenizer), mean_resizing=False)
             ctx.model = PeftModel.from_pretrained(base, str(folder))

@@ -10,7 +10,7 @@ from ..context import RunContext
 from ..data import load_data, tokenize_dataset
 from ..errors import RecipeError
 from ..training import trainer_class
-from .base import Runner, _has_accelerator, jsonable
+from .base import Runner, jsonable
 
 
 def _bf16_supported() -> bool:
@@ -27,26 +27,16 @@ class CausalLMSFT(Runner):
         return SFTConfig
 
     def sft_config(self) -> Any:
-        from trl import SFTConfig
-
-        train = dict(self.recipe.train)
-        train.pop("resume_from_checkpoint", None)
+        train = self.recipe.train
+        forced: dict[str, Any] = {
+            # The host tokenizes (so plugins and `tokplug preview` see the real examples) and keeps raw columns
+            # for plugin collators; TRL's own preparation is skipped.
+            "dataset_kwargs": {**(train.get("dataset_kwargs") or {}), "skip_prepare_dataset": True},
+            "remove_unused_columns": False,
+        }
         if "bf16" not in train and "fp16" not in train:
-            train["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
-        # Without an accelerator, TrainingArguments only sets up CPU ranks (gloo under torchrun) with use_cpu.
-        train.setdefault("use_cpu", not _has_accelerator())
-        train.setdefault("report_to", "none")
-        # The host tokenizes (so plugins and `tokplug preview` see the real examples) and keeps raw columns for
-        # plugin collators; TRL's own preparation is skipped.
-        train["dataset_kwargs"] = {**(train.get("dataset_kwargs") or {}), "skip_prepare_dataset": True}
-        train["remove_unused_columns"] = False
-        try:
-            return SFTConfig(output_dir=self.recipe.output_dir, **train)
-        except (TypeError, ValueError) as exc:
-            raise RecipeError(
-                f"invalid trainer arguments: {exc}", where=f"{self.source}: train",
-                fix="see the SFTConfig / TrainingArguments documentation for the field",
-            ) from None
+            forced["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
+        return self.trainer_arguments(**forced)
 
     def build_objects(self, ctx: RunContext) -> None:
         super().build_objects(ctx)

@@ -4,6 +4,7 @@
     toy://llama-medium  the same family at ~27M parameters (GPU checks, bf16)
     toy://qwen2      Qwen2-style causal LM, tied embeddings
     toy://gpt-neox   GPT-NeoX causal LM (parallel attention, rotary on part of the head)
+    toy://gemma-bidir  Gemma with bidirectional attention: a masked-diffusion LM (task masked_diffusion_sft)
 
 Each is a tiny real transformers architecture built from a config with a fixed seed, sharing one byte-level BPE
 tokenizer (2,048 tokens, ChatML template) trained on a bundled King James Version excerpt (public domain) and
@@ -77,6 +78,17 @@ def _gpt_neox(vocab: int) -> tuple[Any, type]:
     return cfg, GPTNeoXForCausalLM
 
 
+def _gemma_bidirectional(vocab: int, hidden: int = 64, intermediate: int = 172, layers: int = 2) -> tuple[Any, type]:
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    cfg = GemmaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
+        use_bidirectional_attention=True, tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=3,
+    )
+    return cfg, GemmaForCausalLM
+
+
 TOY_MODELS: dict[str, ToyModel] = {}
 
 
@@ -87,6 +99,8 @@ def register_toy_model(name: str, build: Callable[[int], tuple[Any, type]], desc
 
 register_toy_model("llama", _llama, "Llama-style causal LM, 2 layers, hidden 64, untied embeddings")
 register_toy_model("llama-medium", partial(_llama, hidden=512, intermediate=1376, layers=8, heads=8, kv_heads=4), "Llama-style causal LM, 8 layers, hidden 512 (~27M params), for GPU checks")
+register_toy_model("gemma-bidir", _gemma_bidirectional,
+                   "Gemma with bidirectional attention: a masked-diffusion LM (per-position logits, no causal mask)")
 register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 

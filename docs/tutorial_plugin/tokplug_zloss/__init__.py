@@ -48,17 +48,18 @@ class ZLossPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        if ctx.task is not None and "causal_lm" not in ctx.task:
+        if ctx.task is not None and ctx.task.startswith("diffusion"):
             raise hf_tokplug.PluginError(
-                f"zloss needs a causal-LM task, got {ctx.task!r}", where="plugins.zloss", fix="remove the plugin"
+                f"zloss needs a language model, got task {ctx.task!r}", where="plugins.zloss", fix="remove the plugin"
             )
 
     @hookimpl
     def tokplug_loss_terms(self, ctx, model, inputs, outputs):
         if self.config.weight == 0 or outputs.last_hidden_state is None:
             return None
-        hidden = outputs.last_hidden_state[:, :-1]  # (B, T-1, H): position t predicts label t+1
-        mask = inputs["labels"][:, 1:] != -100  # (B, T-1)
+        shift = outputs.shift  # 1: position t predicts label t+1 (causal LM); 0: its own token (masked diffusion)
+        hidden = outputs.last_hidden_state[:, : outputs.last_hidden_state.shape[1] - shift]  # (B, T-shift, H)
+        mask = inputs["labels"][:, shift:] != -100  # (B, T-shift)
         weight = ctx.model.get_output_embeddings().weight  # (V, H); PEFT wrappers resolve to the trained copy
         rows = hidden[mask]  # (N, H)
         total = rows.new_zeros(())
