@@ -22,6 +22,7 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     if recipe.data is None or recipe.data.train is None:
         raise RecipeError("preview needs data.train", where=f"{runner.source}: data.train")
     tokenizer = ctx.call("tokplug_load_tokenizer") or runner.load_tokenizer(ctx)
+    runner.add_task_tokens(ctx, tokenizer)  # the same ids as in the run
     ctx.prepare_tokenizer(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -47,7 +48,7 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
         padded = batch["pad_mask"][row].tolist() if "pad_mask" in batch else [a == 0 for a in attn]
         table = Table("pos", "token", "id", "label", "attn", "note", title=f"example {row}")
         trained = sum(1 for x in labels if x is not None and x != -100)
-        for pos, (tid, lab, att) in enumerate(zip(ids, labels, attn)):  # noqa: B007
+        for pos, (tid, lab, att) in enumerate(zip(ids, labels, attn)):
             if pos >= max_tokens:
                 table.add_row("...", f"{len(ids) - max_tokens} more", "", "", "", "")
                 break

@@ -209,6 +209,7 @@ def diffusion_sample(model: Any, prompt_ids: torch.Tensor, *, mask_id: int, gen_
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
                 logits = model(input_ids=x).logits
+            logits[..., mask_id] = -float("inf")  # never "predict" the mask token itself
             if temperature > 0:  # Gumbel-max in float64: low precision would make the sampling almost greedy
                 logits64 = logits.double()
                 gumbel = (-torch.log(torch.rand_like(logits64))) ** temperature

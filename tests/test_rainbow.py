@@ -1,0 +1,142 @@
+"""Rainbow padding and the masked-diffusion task: cyclic tail, LLaDA loss, trainable pad rows, sampler, retrofit.
+(K = 0 parity with plain EOS padding and save/restore are in the conformance suite.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hf_tokplug
+from hf_tokplug.errors import PluginError, RecipeError
+from hf_tokplug.runners.masked_diffusion import (MaskedDiffusionCollator, _num_transfer, cut_at_stop, diffusion_sample,
+                                                  generate, llada_loss)
+from hf_tokplug_plugins.rainbow_padding import fill_rainbow
+
+from conftest import read_log, run_recipe
+
+MDM = {"task": "masked_diffusion_sft", "model": {"name_or_path": "toy://gemma-bidir"},
+       "task_options": {"pad_to_length": 48}}
+EOS = 5
+
+
+def _batch():
+    collate = MaskedDiffusionCollator(pad_token_id=EOS, pad_to_length=12)
+    return collate([{"input_ids": [4, 10, 11, 20, 21, EOS], "labels": [-100, -100, -100, 20, 21, EOS]},
+                    {"input_ids": [4, 12, 30, EOS], "labels": [-100, -100, 30, EOS]}])
+
+
+def test_collator_pads_with_eos_and_marks_the_padding():
+    batch = _batch()
+    assert batch["input_ids"].shape == (2, 12)
+    assert batch["input_ids"][0, 6:].eq(EOS).all() and batch["labels"][1, 4:].eq(EOS).all()  # pads are trained
+    assert batch["pad_mask"][0].tolist() == [False] * 6 + [True] * 6
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_rainbow_fill_keeps_one_eos_then_cycles(start):
+    pads = torch.tensor([100, 101, 102])
+    batch = fill_rainbow(_batch(), pads, start)
+    row = batch["input_ids"][1].tolist()
+    assert row[:4] == [4, 12, 30, EOS] and row.count(EOS) == 1  # exactly one EOS, at the true end
+    assert row[4:] == [100 + (i + start) % 3 for i in range(8)]
+    assert batch["labels"][1, 4:].tolist() == row[4:] and batch["labels"][1, :2].tolist() == [-100, -100]
+
+
+def test_llada_loss_masks_only_answers_and_weights_by_p_mask(monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug import toy
+
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://gemma-bidir"))
+    batch = _batch()
+    seen = {}
+    original = model.forward
+
+    def spy(input_ids=None, **kw):
+        seen["noisy"] = input_ids.clone()
+        return original(input_ids=input_ids, **kw)
+
+    model.forward = spy
+    torch.manual_seed(0)
+    loss, out = llada_loss(model, batch["input_ids"], batch["labels"], mask_id=7, eps=1e-3)
+    masked = seen["noisy"] == 7
+    assert not masked[batch["labels"] == -100].any() and masked.any()  # the prompt is never masked
+    torch.manual_seed(0)
+    t = torch.rand(2)
+    p = ((1 - 1e-3) * t + 1e-3)[:, None]
+    ce = F.cross_entropy(out.logits[masked].float(), batch["input_ids"][masked], reduction="none")
+    rows = masked.nonzero()[:, 0]
+    want = torch.stack([(ce[rows == r] / p[r]).sum() / (batch["labels"][r] != -100).sum() for r in range(2)]).mean()
+    torch.testing.assert_close(loss, want)
+
+
+def test_pad_rows_start_from_eos_and_train_under_lora(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug import toy
+
+    sections = dict(**MDM, plugins={"rainbow_padding": {"num_pads": 4}}, adapter={"r": 4})
+    runner, _ = run_recipe(tmp_path, "lora", **sections, train={"learning_rate": 1e-2, "max_steps": 4})
+    still, _ = run_recipe(tmp_path, "still", **sections, train={"learning_rate": 0.0, "max_steps": 4})
+    ctx = runner.ctx
+    pad_ids = ctx.plugins["rainbow_padding"].pad_ids(ctx.tokenizer)
+    assert pad_ids == [2049, 2050, 2051, 2052] and ctx.tokenizer.mask_token_id == 2048
+    assert sorted(ctx.model.peft_config["default"].trainable_token_indices) == [2048, *pad_ids]
+    assert all(r.init == "copy" for r in ctx.added_tokens if r.plugin == "rainbow_padding")
+    initial = still.ctx.model.merge_and_unload().get_input_embeddings().weight[pad_ids].detach()
+    trained = ctx.model.merge_and_unload().get_input_embeddings().weight[pad_ids].detach()
+    eos_row = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://gemma-bidir")).get_input_embeddings().weight[EOS]
+    assert len({tuple(r.tolist()) for r in initial}) == 4  # EOS row + noise: distinct, not K copies
+    assert ((initial - eos_row).norm(dim=-1) < 0.2 * eos_row.norm()).all()  # and close to the EOS row
+    assert ((trained - initial).abs().amax(dim=-1) > 0).all()  # every pad row was trained under LoRA
+
+
+def test_sampler_fills_blocks_in_order_and_cuts_at_pads():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug import toy
+
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://gemma-bidir")).eval()
+    mask_id = 7
+    prompt = torch.tensor([[4, 10, 11, 12]])
+    out = diffusion_sample(model, prompt, mask_id=mask_id, gen_length=16, block_length=8, steps=16)
+    assert out.shape == (1, 16) and not (out == mask_id).any()
+    again = diffusion_sample(model, prompt, mask_id=mask_id, gen_length=16, block_length=8, steps=16)
+    assert torch.equal(out, again)  # greedy at temperature 0
+    partial = diffusion_sample(model, prompt, mask_id=mask_id, gen_length=16, block_length=8, steps=2)
+    assert not (partial == mask_id).any()  # one step per block commits the whole block
+    assert _num_transfer(torch.ones(1, 8, dtype=torch.bool), 3).tolist() == [[3, 3, 2]]
+    assert cut_at_stop([9, 8, 2050, 9], {5, 2050}) == [9, 8]
+    with pytest.raises(ValueError):
+        diffusion_sample(model, prompt, mask_id=mask_id, gen_length=16, block_length=5)
+
+
+def test_generate_stops_at_rainbow_pads(tmp_path):
+    runner, _ = run_recipe(tmp_path, "gen", **MDM, plugins={"rainbow_padding": {"num_pads": 3}}, train={"max_steps": 2})
+    ctx = runner.ctx
+    kwargs = ctx.call("tokplug_prepare_generation", model=ctx.model, kwargs={"stop_token_ids": [EOS]})
+    assert kwargs["stop_token_ids"] == [EOS, 2049, 2050, 2051]
+    texts = generate(ctx, ["Continue the verse: In the beginning"], gen_length=16, block_length=8, steps=8)
+    assert len(texts) == 1 and "rainbow_pad" not in texts[0]
+
+
+def test_retrofit_an_eos_padded_dllm(tmp_path):
+    run_recipe(tmp_path, "dllm_eos", **MDM, plugins={"rainbow_padding": {"num_pads": 0}})
+    runner, metrics = run_recipe(tmp_path, "retrofit", **{**MDM, "model": {"name_or_path": str(tmp_path / "dllm_eos")}},
+                                 plugins={"rainbow_padding": {"num_pads": 7}}, adapter={"r": 4},
+                                 train={"num_train_epochs": 1, "max_steps": -1})
+    assert metrics["epoch"] == pytest.approx(1.0)
+    assert runner.ctx.tokenizer.mask_token_id == 2048  # the dLLM's own mask token is kept, pads come after it
+    assert [r for r in read_log(tmp_path / "retrofit") if "loss" in r]
+
+
+def test_rainbow_refuses_a_causal_task():
+    ctx = hf_tokplug.context.RunContext.create({"rainbow_padding": {}}, task="causal_lm_sft")
+    with pytest.raises(PluginError, match="use task: masked_diffusion_sft"):
+        ctx.call("tokplug_validate")
+
+
+def test_masked_diffusion_needs_a_bidirectional_model(tmp_path):
+    with pytest.raises(RecipeError, match="attends causally"):
+        run_recipe(tmp_path, "causal", **{**MDM, "model": {"name_or_path": "toy://llama"}})
