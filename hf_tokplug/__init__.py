@@ -26,6 +26,7 @@ _LAZY = {
     "ForwardCapture": ("training", "ForwardCapture"),
     "trainer_class": ("training", "trainer_class"),
     "generate": ("inference", "generate"),
+    "diffusion_generate": ("runners.masked_diffusion", "generate"),
     "add_tokens": ("tokens", "add_tokens"),
     "load_recipe": ("recipe", "load_recipe"),
     "register_plugin": ("manager", "register_plugin"),

@@ -140,3 +140,13 @@ def test_rainbow_refuses_a_causal_task():
 def test_masked_diffusion_needs_a_bidirectional_model(tmp_path):
     with pytest.raises(RecipeError, match="attends causally"):
         run_recipe(tmp_path, "causal", **{**MDM, "model": {"name_or_path": "toy://llama"}})
+
+
+def test_diffusers_llada2_pipeline_runs_our_model(tmp_path):
+    from hf_tokplug.runners.masked_diffusion import pipeline_generate
+
+    run_recipe(tmp_path, "pipe", **MDM, plugins={"rainbow_padding": {"num_pads": 3}}, adapter={"r": 4},
+               train={"max_steps": 2})
+    ctx = hf_tokplug.from_pretrained(tmp_path / "pipe")  # a PEFT model, restored
+    texts = pipeline_generate(ctx, ["In the beginning", "And God said"], gen_length=16, block_length=8, steps=8)
+    assert len(texts) == 2 and not any("rainbow_pad" in t for t in texts)

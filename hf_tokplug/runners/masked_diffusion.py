@@ -258,3 +258,30 @@ def generate(ctx: Any, prompts: str | list[str], *, chat: bool = True, gen_lengt
         text = tokenizer.decode(cut_at_stop(out[0].tolist(), stop), skip_special_tokens=True)
         texts.append(ctx.call("tokplug_postprocess_text", text=text))
     return texts
+
+
+def pipeline_generate(ctx: Any, prompts: str | list[str], *, gen_length: int = 64, block_length: int = 32,
+                      steps: int = 32, **pipeline_kwargs: Any) -> list[str]:
+    """Sample through diffusers' ``LLaDA2Pipeline`` instead of :func:`generate`; outputs cut at every stop token.
+
+    What differs from :func:`generate` (LLaDA's sampler): the pipeline commits tokens above a confidence
+    ``threshold`` (at least ``minimal_topk`` per step) instead of a fixed count per step, may re-edit committed
+    tokens (``editing_threshold``), aligns blocks from the start of the sequence (the prompt shares the first
+    block), passes an attention mask and position ids to the model, and knows a single EOS for early stopping, so
+    tokens plugins add as stops (rainbow pads) are cut here, after sampling.
+    """
+    from diffusers import BlockRefinementScheduler, LLaDA2Pipeline
+
+    tokenizer = ctx.tokenizer
+    pipe = LLaDA2Pipeline(model=ctx.model, scheduler=BlockRefinementScheduler(block_length=block_length),
+                          tokenizer=tokenizer)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = ctx.call("tokplug_prepare_generation", model=ctx.model, kwargs={"stop_token_ids": [tokenizer.eos_token_id]})
+    stop = set(kwargs["stop_token_ids"])
+    texts = []
+    for prompt in [prompts] if isinstance(prompts, str) else prompts:
+        out = pipe(prompt=prompt, gen_length=gen_length, block_length=block_length, num_inference_steps=steps,
+                   output_type="seq", **pipeline_kwargs)
+        ids = cut_at_stop(out.sequences[0].tolist(), stop)
+        texts.append(ctx.call("tokplug_postprocess_text", text=tokenizer.decode(ids, skip_special_tokens=True)))
+    return texts
