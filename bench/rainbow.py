@@ -157,19 +157,18 @@ def plot(results: dict, path: Path) -> None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for k, marker in (("k0", "o"), ("k7", "s")):
-        for mode, line in (("block", "-"), ("whole_window", "--")):
-            data = results[k][mode] if mode == "whole_window" else {g: results[k][g] for g in map(str, WINDOWS)}
-            xs = list(WINDOWS)
-            label = f"K={k[1:]} {'block' if mode == 'block' else 'whole window'}"
-            axes[0].plot(xs, [data[str(g)]["mean_len"] for g in xs], marker + line, label=label)
-            axes[1].plot(xs, [data[str(g)]["early_term"] for g in xs], marker + line, label=label)
-    axes[0].set(xlabel="generation window G (tokens)", ylabel="mean answer length (tokens)", xscale="log", xticks=list(WINDOWS))
-    axes[1].set(xlabel="generation window G (tokens)", ylabel="early termination rate", xscale="log", xticks=list(WINDOWS))
+    xs = list(WINDOWS)
+    for k, color in (("k0", "tab:blue"), ("k7", "tab:red")):
+        for mode, line in (("block", "o-"), ("whole_window", "s--")):
+            data = results[k][mode] if mode == "whole_window" else {str(g): results[k][str(g)] for g in xs}
+            label = f"K={k[1:]}, {'block' if mode == 'block' else 'whole-window'} decoding"
+            axes[0].plot(xs, [data[str(g)]["mean_len"] for g in xs], line, color=color, label=label)
+            axes[1].plot(xs, [data[str(g)]["early_term"] for g in xs], line, color=color, label=label)
+    axes[0].set(xlabel="generation window G (tokens)", ylabel="mean answer length (tokens)", xticks=xs)
+    axes[1].set(xlabel="generation window G (tokens)", ylabel="early termination rate (<= 2 tokens)", xticks=xs)
     for ax in axes:
-        ax.set_xticklabels([str(g) for g in WINDOWS])
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center right")
     fig.suptitle("Rainbow padding (K=7) vs EOS padding (K=0), toy dLLM")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

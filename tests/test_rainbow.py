@@ -150,3 +150,17 @@ def test_diffusers_llada2_pipeline_runs_our_model(tmp_path):
     ctx = hf_tokplug.from_pretrained(tmp_path / "pipe")  # a PEFT model, restored
     texts = pipeline_generate(ctx, ["In the beginning", "And God said"], gen_length=16, block_length=8, steps=8)
     assert len(texts) == 2 and not any("rainbow_pad" in t for t in texts)
+
+
+def test_documented_apply_path():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug import toy
+
+    tokenizer = toy.load_toy_tokenizer()
+    ctx = hf_tokplug.apply(AutoModelForCausalLM.from_pretrained(toy.resolve("toy://gemma-bidir")), tokenizer,
+                           plugins={"rainbow_padding": {"num_pads": 7}}, task="masked_diffusion_sft")
+    collator = ctx.wrap_collator(MaskedDiffusionCollator(pad_token_id=tokenizer.eos_token_id, pad_to_length=20))
+    batch = collator([{"input_ids": [4, 10, EOS], "labels": [-100, 10, EOS]}])
+    assert batch["input_ids"][0, 3:].tolist() == [2048 + i % 7 for i in range(17)]
+    assert ctx.model.get_input_embeddings().weight.shape[0] >= 2055
