@@ -164,3 +164,20 @@ def test_documented_apply_path():
     batch = collator([{"input_ids": [4, 10, EOS], "labels": [-100, 10, EOS]}])
     assert batch["input_ids"][0, 3:].tolist() == [2048 + i % 7 for i in range(17)]
     assert ctx.model.get_input_embeddings().weight.shape[0] >= 2055
+
+
+def test_sampler_temperature_and_cfg():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug import toy
+
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://gemma-bidir")).eval()
+    prompt = torch.tensor([[4, 10, 11, 12], [4, 13, 14, 15]])
+    torch.manual_seed(0)
+    a = diffusion_sample(model, prompt, mask_id=7, gen_length=8, temperature=1.0)
+    torch.manual_seed(1)
+    b = diffusion_sample(model, prompt, mask_id=7, gen_length=8, temperature=1.0)
+    assert not (a == 7).any() and not torch.equal(a, b)  # Gumbel sampling: seeds differ
+    greedy = diffusion_sample(model, prompt, mask_id=7, gen_length=8)
+    guided = diffusion_sample(model, prompt, mask_id=7, gen_length=8, cfg_scale=2.0)
+    assert guided.shape == greedy.shape and not (guided == 7).any()
