@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -44,10 +43,11 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+from common import StepTimer, TimerPlugin  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 import hf_tokplug  # noqa: E402
-from hf_tokplug import Plugin, hookimpl, manager, toy  # noqa: E402
+from hf_tokplug import manager, toy  # noqa: E402
 from hf_tokplug.data import tokenize_dataset  # noqa: E402
 from hf_tokplug.recipe import DataSpec, parse_recipe  # noqa: E402
 from hf_tokplug.runners.causal_lm import CausalLMSFT  # noqa: E402
@@ -57,30 +57,6 @@ CHAT = {"train": "toy://kjv-chat", "eval": {"path": "toy://kjv-chat", "split": "
         "max_length": 128}
 COMMON = {"gradient_checkpointing": False, "seed": 0, "disable_tqdm": True, "report_to": "none", "logging_steps": 25}
 CACHE = toy.cache_root() / "bench" / "caft-v1"
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
-
-    def median(self, warmup: int = 5) -> float:
-        ends = self.ends[warmup:]
-        return statistics.median(b - a for a, b in zip(ends, ends[1:]))
-
-
-class Probe(Plugin):
-    """Bench-only plugin: adds the step timer."""
-
-    timer: StepTimer | None = None
-
-    @hookimpl
-    def tokplug_callbacks(self, ctx):
-        return [Probe.timer] if Probe.timer is not None else []
 
 
 def run(name: str, out: Path, **sections) -> CausalLMSFT:
@@ -251,14 +227,14 @@ def main() -> None:
 
     times = {"plain_sft": [], "caft": []}
     timing_train = {**sft_train, "max_steps": args.timing_steps, "logging_steps": 1000}
-    with manager.registered("bench_probe", Probe):
+    with manager.registered("bench_probe", TimerPlugin):
         for r in range(2):
             order = [("plain_sft", {}), ("caft", caft)]
             for name, plugins in order if r == 0 else reversed(order):
-                Probe.timer = StepTimer()
+                TimerPlugin.timer = StepTimer()
                 run(f"time-{name}", out, model={"name_or_path": str(base)}, data=CHAT,
                     plugins={**plugins, "bench_probe": None}, adapter=lora, train=timing_train)
-                times[name].append(Probe.timer.median())
+                times[name].append(TimerPlugin.timer.median())
                 print(f"round {r} {name}: {times[name][-1] * 1e3:.1f} ms/step", flush=True)
 
     batch = eval_batches(tokenizer, chat_spec, "train", n=16, batch=16)[0]

@@ -17,35 +17,17 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from common import StepTimer, TimerPlugin  # noqa: E402
 
-from hf_tokplug import Plugin, hookimpl, manager  # noqa: E402
+from hf_tokplug import manager  # noqa: E402
 from hf_tokplug.cli import runner_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize()
-        self.ends.append(time.perf_counter())
-
-
-class TimerPlugin(Plugin):
-    timer: StepTimer
-
-    @hookimpl
-    def tokplug_callbacks(self, ctx):
-        return [TimerPlugin.timer]
 
 
 def run(name: str, out: Path, steps: int, bf16: bool, zloss: bool, batch: int) -> dict:
@@ -61,8 +43,7 @@ def run(name: str, out: Path, steps: int, bf16: bool, zloss: bool, batch: int) -
     torch.cuda.reset_peak_memory_stats()
     runner = runner_for(str(REPO / "recipes" / "quickstart.yaml"), overrides)
     runner.run()
-    ends = TimerPlugin.timer.ends[10:]
-    step = statistics.median(b - a for a, b in zip(ends, ends[1:]))
+    step = TimerPlugin.timer.median(warmup=10)
     log = [json.loads(line) for line in (out / name / "trainer_log.jsonl").read_text().splitlines()]
     rows = [r for r in log if "loss" in r]
     return {

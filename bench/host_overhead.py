@@ -25,27 +25,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, TrainerCallback  # noqa: E402
+from common import StepTimer, TimerPlugin  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from hf_tokplug import Plugin, hookimpl, manager, toy  # noqa: E402
 from hf_tokplug.context import RunContext  # noqa: E402
 from hf_tokplug.recipe import parse_recipe  # noqa: E402
 from hf_tokplug.runners.causal_lm import CausalLMSFT  # noqa: E402
-
-WARMUP = 5
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.ends.append(time.perf_counter())
-
-    def step_time(self) -> float:
-        gaps = [b - a for a, b in zip(self.ends[WARMUP:], self.ends[WARMUP + 1:])]
-        return statistics.median(gaps)
-
 
 def train_args(steps: int) -> dict:
     return {
@@ -57,16 +43,6 @@ def train_args(steps: int) -> dict:
 DATA = {"train": "toy://kjv-chat", "max_length": 128, "max_samples": 2000, "assistant_only_loss": True}
 
 
-class TimerPlugin(Plugin):
-    """Only adds the timing callback, so the recipe side runs the plugin-free training path."""
-
-    timer: StepTimer
-
-    @hookimpl
-    def tokplug_callbacks(self, ctx):
-        return [TimerPlugin.timer]
-
-
 def run_recipe(steps: int, out: Path) -> float:
     TimerPlugin.timer = StepTimer()
     recipe = parse_recipe({
@@ -74,7 +50,7 @@ def run_recipe(steps: int, out: Path) -> float:
         "plugins": {"bench_timer": None}, "train": train_args(steps), "output_dir": str(out), "overwrite": True,
     })
     CausalLMSFT(recipe, "bench").run()
-    return TimerPlugin.timer.step_time()
+    return TimerPlugin.timer.median()
 
 
 def run_plain(steps: int, out: Path) -> float:
@@ -88,7 +64,7 @@ def run_plain(steps: int, out: Path) -> float:
     args = SFTConfig(output_dir=str(out), max_length=128, assistant_only_loss=True, bf16=gpu and torch.cuda.is_bf16_supported(),
                      use_cpu=not gpu, **train_args(steps))
     SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[timer]).train()
-    return timer.step_time()
+    return timer.median()
 
 
 class Noop(Plugin):

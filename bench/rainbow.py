@@ -35,7 +35,6 @@ os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from datasets import Dataset  # noqa: E402
 
 from hf_tokplug import toy  # noqa: E402
 from hf_tokplug.recipe import parse_recipe  # noqa: E402

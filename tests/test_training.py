@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 
 import hf_tokplug
 from hf_tokplug import toy

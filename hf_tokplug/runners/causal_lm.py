@@ -8,7 +8,6 @@ import torch
 
 from ..context import RunContext
 from ..data import load_data, tokenize_dataset
-from ..errors import RecipeError
 from ..training import trainer_class
 from .base import Runner, jsonable
 

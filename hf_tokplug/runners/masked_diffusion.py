@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import toy
 from ..context import RunContext
 from ..errors import RecipeError
 from ..tokens import add_tokens

@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from hf_tokplug import Plugin, PluginError, TokenLoss, hookimpl
