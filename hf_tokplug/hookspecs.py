@@ -209,7 +209,8 @@ def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any) 
     A value is a scalar tensor (a mean over this micro-batch) or a :class:`hf_tokplug.TokenLoss` (a sum over
     tokens and its token count), which the host normalises exactly like the main token loss under gradient
     accumulation. ``outputs`` is a :class:`hf_tokplug.training.ForwardCapture` with the main loss, the model's
-    own output and the backbone's last hidden state. Return ``None`` or ``{}`` to add nothing.
+    own output, the backbone's last hidden state and ``shift`` (output t is scored against label t + shift: 1
+    for causal LMs, 0 for masked-diffusion LMs). Return ``None`` or ``{}`` to add nothing.
 
     Fires: on every training and evaluation micro-batch, after the main loss is computed.
     Rule: merge; keys are namespaced as ``<plugin>/<name>``; the values are summed into the loss and logged
