@@ -207,3 +207,7 @@ def attach_loss_terms(trainer: Any, ctx: Any) -> None:
     trainer.compute_loss = types.MethodType(_compute_loss, trainer)
     trainer.log = types.MethodType(_log, trainer)
     trainer._tokplug_attached = True
+    handler = getattr(trainer.accelerator, "ddp_handler", None)
+    if ctx.hooks.has("tokplug_loss_terms") and trainer.args.ddp_find_unused_parameters is None and handler is not None:
+        # As in recipe runs: loss-term parameters are used after the DDP forward (see Runner.trainer_arguments).
+        handler.find_unused_parameters = False

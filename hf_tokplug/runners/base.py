@@ -211,13 +211,17 @@ class Runner:
     def add_task_tokens(self, ctx: RunContext, tokenizer: Any) -> None:
         """Tokens the task itself needs (e.g. a mask token), added before the plugins' tokenizer hooks."""
 
-    def trainer_arguments(self, **forced: Any) -> Any:
+    def trainer_arguments(self, ctx: RunContext, **forced: Any) -> Any:
         """``training_args_class()`` from the recipe's ``train`` block, host defaults, then ``forced`` values."""
         train = dict(self.recipe.train)
         train.pop("resume_from_checkpoint", None)  # resolved by the host, passed to train()
         train.setdefault("report_to", "none")
         # Without an accelerator, TrainingArguments only sets up CPU ranks (gloo under torchrun) with use_cpu.
         train.setdefault("use_cpu", not _has_accelerator())
+        if ctx.hooks.has("tokplug_loss_terms"):
+            # Loss terms use parameters after the DDP forward; "find unused" would mark them unused first and
+            # DDP would then see their gradients twice.
+            train.setdefault("ddp_find_unused_parameters", False)
         train.update(forced)
         cls = self.training_args_class()
         try:

@@ -25,7 +25,7 @@ class CausalLMSFT(Runner):
 
         return SFTConfig
 
-    def sft_config(self) -> Any:
+    def sft_config(self, ctx: RunContext) -> Any:
         train = self.recipe.train
         forced: dict[str, Any] = {
             # The host tokenizes (so plugins and `tokplug preview` see the real examples) and keeps raw columns
@@ -35,7 +35,7 @@ class CausalLMSFT(Runner):
         }
         if "bf16" not in train and "fp16" not in train:
             forced["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
-        return self.trainer_arguments(**forced)
+        return self.trainer_arguments(ctx, **forced)
 
     def build_objects(self, ctx: RunContext) -> None:
         super().build_objects(ctx)
@@ -67,7 +67,7 @@ class CausalLMSFT(Runner):
 
         collator = ctx.wrap_collator(self.base_collator(ctx))
         trainer = trainer_class(SFTTrainer)(
-            model=ctx.model, args=self.sft_config(), data_collator=collator, train_dataset=train,
+            model=ctx.model, args=self.sft_config(ctx), data_collator=collator, train_dataset=train,
             eval_dataset=evald, processing_class=ctx.tokenizer, callbacks=ctx.callbacks(),
         )
         trainer.tokplug_ctx = ctx

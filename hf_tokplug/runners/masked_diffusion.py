@@ -150,7 +150,7 @@ class MaskedDiffusionSFT(CausalLMSFT):
     def make_trainer(self, ctx: RunContext, train: Any, evald: Any) -> Any:
         from transformers import Trainer
 
-        args = self.trainer_arguments(remove_unused_columns=False)
+        args = self.trainer_arguments(ctx, remove_unused_columns=False)
         cls = trainer_class(type("MaskedDiffusionTrainer", (MaskedDiffusionTrainerBase, Trainer), {}))
         trainer = cls(model=ctx.model, args=args, data_collator=ctx.wrap_collator(self.base_collator(ctx)),
                       train_dataset=train, eval_dataset=evald, processing_class=ctx.tokenizer, callbacks=ctx.callbacks())

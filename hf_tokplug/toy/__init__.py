@@ -164,6 +164,11 @@ def toy_model_path(name_or_path: str) -> Path:
                 model = model_cls(cfg)
             model.save_pretrained(tmp)
             load_toy_tokenizer().save_pretrained(tmp)
+            if not (tmp / "config.json").is_file():  # under torch.distributed only rank 0 writes model files
+                raise TokPlugError(
+                    f"could not build {name_or_path}: this process may not write model files (a non-main rank)",
+                    fix="resolve toy models on the main process first (hf_tokplug.toy.resolve does it in runs)",
+                )
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -171,8 +176,20 @@ def toy_model_path(name_or_path: str) -> Path:
 
 
 def resolve(name_or_path: str) -> str:
-    """A loadable location: the cached folder for ``toy://`` ids, the input otherwise."""
-    return str(toy_model_path(name_or_path)) if is_toy(name_or_path) else name_or_path
+    """A loadable location: the cached folder for ``toy://`` ids, the input otherwise.
+
+    Under a distributed launch the main process builds first (then each node's main, for node-local caches):
+    transformers only writes model files on rank 0.
+    """
+    if not is_toy(name_or_path):
+        return name_or_path
+    from accelerate import PartialState
+
+    if not PartialState._shared_state:  # no distributed state set up: build directly
+        return str(toy_model_path(name_or_path))
+    state = PartialState()
+    with state.main_process_first(), state.local_main_process_first():
+        return str(toy_model_path(name_or_path))
 
 
 # --------------------------------------------------------------------------------------------------------------
