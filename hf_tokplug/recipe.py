@@ -309,8 +309,10 @@ def reference_markdown() -> str:
         "the plugin's own config class (see the plugin's page); `train:` takes the fields of TRL's `SFTConfig` (or the",
         "task's trainer arguments), checked by name and type before anything loads. The host sets",
         "`dataset_kwargs.skip_prepare_dataset` and `remove_unused_columns: false` (it tokenizes itself) and defaults",
-        "`bf16`/`use_cpu` to what the machine supports; `train.resume_from_checkpoint: true` resumes from the latest",
-        "complete checkpoint in `output_dir`.", "",
+        "`bf16`/`use_cpu` to what the machine supports (and `ddp_find_unused_parameters: false` when a plugin adds",
+        "loss terms); `train.resume_from_checkpoint: true` resumes from the latest complete checkpoint in `output_dir`.",
+        "`task_options:` holds options of the task itself (e.g. `masked_diffusion_sft`'s `pad_to_length`), validated",
+        "by the task.", "",
     ]
     for title, model in _SECTIONS:
         lines += [f"## {title}", "", "| key | type | default | description |", "|---|---|---|---|"]
