@@ -171,3 +171,14 @@ def test_full_finetune_keeps_lm_head_frozen_by_default(tmp_path):
     trained = runner.ctx.model
     torch.testing.assert_close(trained.get_output_embeddings().weight, base.get_output_embeddings().weight, rtol=0, atol=0)
     assert (trained.get_input_embeddings().weight - base.get_input_embeddings().weight).abs().max() > 0
+
+
+def test_heads_path_problems_are_reported_before_training(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PluginError, match="no caft_heads.safetensors") as err:
+        run_recipe(tmp_path, "x", plugins={"caft": {"heads_path": str(empty)}})
+    assert "Stage A" in str(err.value) and not (tmp_path / "x").exists()  # validate: nothing written
+    with pytest.raises(PluginError, match="not a local folder") as err:  # offline in tests: the Hub is unreachable
+        run_recipe(tmp_path, "y", plugins={"caft": {"heads_path": "runs/never-trained"}})
+    assert "recipes/caft_heads.yaml" in str(err.value)

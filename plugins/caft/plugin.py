@@ -37,13 +37,22 @@ def _base(model: Any) -> Any:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+STAGE_A_FIX = "run Stage A first (e.g. tokplug run recipes/caft_heads.yaml) and point heads_path at its output folder"
+
+
 def _resolve_heads_dir(location: str) -> Path:
     path = Path(location).expanduser()
     if path.is_dir():
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(location, allow_patterns=[HEADS_FILE, META_FILE]))
+    try:
+        return Path(snapshot_download(location, allow_patterns=[HEADS_FILE, META_FILE]))
+    except Exception as exc:  # not a folder here, and not a Hub repo we can reach
+        raise PluginError(
+            f"heads_path {location!r} is not a local folder, and fetching it from the Hub failed: {exc}",
+            where="plugins.caft.heads_path", fix=STAGE_A_FIX,
+        ) from None
 
 
 class CAFTPlugin(Plugin):
@@ -95,6 +104,9 @@ class CAFTPlugin(Plugin):
                 where=f"{where}.heads_path",
                 fix="run Stage A (recipes/caft_heads.yaml) and set heads_path to its output, or set train_heads: true",
             )
+        local = Path(self.config.heads_path or "").expanduser()
+        if self.config.heads_path and local.is_dir() and not (local / HEADS_FILE).is_file():
+            raise PluginError(f"no {HEADS_FILE} in {local}", where=f"{where}.heads_path", fix=STAGE_A_FIX)
 
     # ------------------------------------------------------------------------------------------------ model
 
