@@ -219,12 +219,11 @@ def diffusion_sample(model: Any, prompt_ids: torch.Tensor, *, mask_id: int, gen_
             confidence = probs.gather(-1, choice[..., None]).squeeze(-1)
             confidence[:, end:] = -float("inf")  # only the current block is eligible
             confidence = torch.where(masked, confidence, torch.full_like(confidence, -float("inf")))
-            choice = torch.where(masked, choice, x)
-            for row in range(b):
-                k = int(transfer[row, step])
-                if k:
-                    idx = confidence[row].topk(k).indices
-                    x[row, idx] = choice[row, idx]
+            # commit each row's k most confident positions: rank positions by confidence, keep rank < k
+            order = confidence.argsort(dim=-1, descending=True)
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
+            commit = (ranks < transfer[:, step : step + 1]) & masked
+            x = torch.where(commit, choice, x)
     return x[:, p:]
 
 
