@@ -199,7 +199,6 @@ def diffusion_sample(model: Any, prompt_ids: torch.Tensor, *, mask_id: int, gen_
         start, end = p + block * block_length, p + (block + 1) * block_length
         transfer = _num_transfer(x[:, start:end] == mask_id, per_block)
         for step in range(per_block):
-            masked = x == mask_id
             if cfg_scale > 0:
                 uncond = x.clone()
                 uncond[:, :p] = mask_id
@@ -208,6 +207,8 @@ def diffusion_sample(model: Any, prompt_ids: torch.Tensor, *, mask_id: int, gen_
                 logits = un + (cfg_scale + 1) * (cond - un)
             else:
                 logits = model(input_ids=x).logits
+            # Only the current block is eligible: score it alone (the float64 softmax is the costly part).
+            logits = logits[:, start:end]  # (B, L, V)
             logits[..., mask_id] = -float("inf")  # never "predict" the mask token itself
             if temperature > 0:  # Gumbel-max in float64: low precision would make the sampling almost greedy
                 logits64 = logits.double()
@@ -216,14 +217,14 @@ def diffusion_sample(model: Any, prompt_ids: torch.Tensor, *, mask_id: int, gen_
             else:
                 choice = logits.argmax(-1)
             probs = F.softmax(logits.double(), dim=-1)
-            confidence = probs.gather(-1, choice[..., None]).squeeze(-1)
-            confidence[:, end:] = -float("inf")  # only the current block is eligible
+            confidence = probs.gather(-1, choice[..., None]).squeeze(-1)  # (B, L)
+            masked = x[:, start:end] == mask_id
             confidence = torch.where(masked, confidence, torch.full_like(confidence, -float("inf")))
             # commit each row's k most confident positions: rank positions by confidence, keep rank < k
             order = confidence.argsort(dim=-1, descending=True)
-            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
+            ranks = torch.empty_like(order).scatter_(1, order, torch.arange(end - start, device=x.device).expand_as(order))
             commit = (ranks < transfer[:, step : step + 1]) & masked
-            x = torch.where(commit, choice, x)
+            x[:, start:end] = torch.where(commit, choice, x[:, start:end])
     return x[:, p:]
 
 
