@@ -74,9 +74,6 @@ class RunContext:
         """Call a hook on the enabled plugins with this context (``ctx=self`` is added)."""
         return self.hooks(hook, ctx=self, **kwargs)
 
-    def plugin(self, name: str) -> Any:
-        return self.plugins[name]
-
     def plugin_configs(self) -> dict[str, dict[str, Any]]:
         return {name: p.config_dict() if hasattr(p, "config_dict") else {} for name, p in self.plugins.items()}
 
