@@ -42,6 +42,7 @@ class Runner:
         self.source = source
         self.options = self.parse_options()
         self.notes: list[str] = []
+        self._configs: dict[bool, Any] = {}
         self.ctx: RunContext | None = None  # set by run(): the model, tokenizer and plugins after the run
 
     # ------------------------------------------------------------------------------------------------ checks
@@ -82,6 +83,12 @@ class Runner:
         return ctx
 
     def model_config(self, offline: bool) -> Any | None:
+        """The model's config (fetched once per runner: validation and loading share it)."""
+        if offline not in self._configs:
+            self._configs[offline] = self._load_model_config(offline)
+        return self._configs[offline]
+
+    def _load_model_config(self, offline: bool) -> Any | None:
         spec = self.recipe.model
         if toy.is_toy(spec.name_or_path):
             try:

@@ -95,7 +95,6 @@ class MaskedDiffusionTrainerBase:
     tokplug_label_shift = 0  # position i's logits predict token i (ForwardCapture.shift for plugins)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        inputs = {k: v for k, v in inputs.items() if k != "pad_mask"}
         loss, output = llada_loss(model, inputs["input_ids"], inputs["labels"], self.mdm_mask_id, self.mdm_eps)
         return (loss, output) if return_outputs else loss
 
@@ -235,6 +234,12 @@ def cut_at_stop(ids: list[int], stop_ids: set[int]) -> list[int]:
     return ids
 
 
+def _answer_text(ctx: Any, ids: list[int], stop: set[int]) -> str:
+    """Cut at the first stop token, decode, and run the ``tokplug_postprocess_text`` chain."""
+    text = ctx.tokenizer.decode(cut_at_stop(ids, stop), skip_special_tokens=True)
+    return ctx.call("tokplug_postprocess_text", text=text)
+
+
 def generate(ctx: Any, prompts: str | list[str], *, chat: bool = True, gen_length: int = 64,
              block_length: int | None = None, steps: int | None = None, temperature: float = 0.0,
              cfg_scale: float = 0.0) -> list[str]:
@@ -254,8 +259,7 @@ def generate(ctx: Any, prompts: str | list[str], *, chat: bool = True, gen_lengt
         else:
             ids = tokenizer(prompt)["input_ids"]
         out = diffusion_sample(model, torch.tensor([ids], device=device), mask_id=tokenizer.mask_token_id, **kwargs)
-        text = tokenizer.decode(cut_at_stop(out[0].tolist(), stop), skip_special_tokens=True)
-        texts.append(ctx.call("tokplug_postprocess_text", text=text))
+        texts.append(_answer_text(ctx, out[0].tolist(), stop))
     return texts
 
 
@@ -281,6 +285,5 @@ def pipeline_generate(ctx: Any, prompts: str | list[str], *, gen_length: int = 6
     for prompt in [prompts] if isinstance(prompts, str) else prompts:
         out = pipe(prompt=prompt, gen_length=gen_length, block_length=block_length, num_inference_steps=steps,
                    output_type="seq", **pipeline_kwargs)
-        ids = cut_at_stop(out.sequences[0].tolist(), stop)
-        texts.append(ctx.call("tokplug_postprocess_text", text=tokenizer.decode(ids, skip_special_tokens=True)))
+        texts.append(_answer_text(ctx, out.sequences[0].tolist(), stop))
     return texts

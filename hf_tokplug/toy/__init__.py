@@ -183,10 +183,12 @@ def resolve(name_or_path: str) -> str:
     """
     if not is_toy(name_or_path):
         return name_or_path
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):  # transformers' own test for "only rank 0 writes"
+        return str(toy_model_path(name_or_path))
     from accelerate import PartialState
 
-    if not PartialState._shared_state:  # no distributed state set up: build directly
-        return str(toy_model_path(name_or_path))
     state = PartialState()
     with state.main_process_first(), state.local_main_process_first():
         return str(toy_model_path(name_or_path))
