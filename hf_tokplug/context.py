@@ -28,6 +28,8 @@ class RunContext:
         task: the task name, when known.
         base_model: what the model was loaded from (``toy://llama``, a Hub id or a folder).
         tokenizer, model, collator, trainer, pipeline: the objects being built, set as they are.
+        base_tokenizer: the model's own tokenizer; differs from ``tokenizer`` when a plugin swapped it in
+            ``tokplug_load_tokenizer``.
         added_tokens: tokens added by plugins, with their init strategy (see :mod:`hf_tokplug.tokens`).
         state: free per-plugin storage, ``ctx.state[plugin_name][key]``.
         state_files: files each plugin wrote in the last save (listed in tokplug.json).
@@ -41,6 +43,7 @@ class RunContext:
     task: str | None = None
     base_model: str | None = None
     tokenizer: Any = None
+    base_tokenizer: Any = None
     model: Any = None
     collator: Any = None
     trainer: Any = None
@@ -79,15 +82,23 @@ class RunContext:
 
     # ------------------------------------------------------------------------------------------------ phases
 
+    def load_tokenizer(self, base_tokenizer: Any) -> Any:
+        """Record the model's own tokenizer and let a plugin swap it (``tokplug_load_tokenizer``)."""
+        self.base_tokenizer = base_tokenizer
+        self.tokenizer = self.call("tokplug_load_tokenizer") or base_tokenizer
+        return self.tokenizer
+
     def prepare_tokenizer(self, tokenizer: Any) -> Any:
         self.tokenizer = tokenizer
         self.call("tokplug_prepare_tokenizer", tokenizer=tokenizer)
         return tokenizer
 
     def prepare_model(self, model: Any, pad_to_multiple_of: int | None = None) -> Any:
-        """Resize for added tokens, initialise their rows, then run the ``tokplug_prepare_model`` chain."""
-        resize_and_init(self, model, pad_to_multiple_of)
+        """Adapt the embeddings to a swapped tokenizer, resize for added tokens and initialise their rows, then run
+        the ``tokplug_prepare_model`` chain."""
         self.model = model
+        model = self.model = self.call("tokplug_adapt_embeddings", model=model)
+        resize_and_init(self, model, pad_to_multiple_of)
         self.model = self.call("tokplug_prepare_model", model=model)
         return self.model
 
@@ -214,7 +225,8 @@ def apply(
 ) -> RunContext:
     """Patch a user's model and tokenizer with plugins; use the result in any Trainer/SFTTrainer.
 
-    Runs validate -> prepare_tokenizer -> (resize, init new rows) -> prepare_model -> adapter (when ``peft_config``
+    Runs validate -> load_tokenizer (a plugin may swap it) -> prepare_tokenizer -> adapt_embeddings -> (resize,
+    init new rows) -> prepare_model -> adapter (when ``peft_config``
     is given) -> post_model_load. Use ``ctx.model``/``ctx.tokenizer`` afterwards (a plugin may replace the model),
     ``ctx.wrap_collator(collator)`` for your collator, and ``ctx.attach(trainer)`` for loss terms and state.
     ``task`` (inferred for causal LMs) tells ``hf_tokplug.from_pretrained`` how to load the saved model.
@@ -229,7 +241,7 @@ def apply(
     ctx = RunContext.create(plugins or {}, seed=seed, task=task or _infer_task(model))
     ctx.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
     ctx.call("tokplug_validate")
-    ctx.prepare_tokenizer(tokenizer)
+    ctx.prepare_tokenizer(ctx.load_tokenizer(tokenizer))
     ctx.prepare_model(model, pad_to_multiple_of)
     if peft_config is not None:
         ctx.attach_adapter(peft_config)

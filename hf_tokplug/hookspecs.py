@@ -63,8 +63,9 @@ def tokplug_register_runners(register: Callable[[str, type], None]) -> None:
 def tokplug_register_token_inits(register: Callable[[str, Callable[..., Any]], None]) -> None:
     """Register strategies for initialising new embedding rows: ``register(name, fn)``.
 
-    ``fn(ctx, model, token_ids, tokens, side, **options) -> Tensor | None`` returns the new rows (one per
-    token id, shaped like the matrix's rows) for ``side`` ``"input"`` or ``"output"``, or ``None`` to decline.
+    ``fn(request, **options) -> Tensor | None`` receives a :class:`hf_tokplug.tokens.TokenInitRequest` (the
+    matrix, the old vocabulary size, the token ids and strings, ``side`` ``"input"`` or ``"output"``) and returns
+    the new rows (one per token id, shaped like the matrix's rows), or ``None`` to leave them as they are.
     Any plugin that adds tokens uses them through :func:`hf_tokplug.tokens.add_tokens`.
 
     Fires: once per plugin manager, when token-init strategies are first looked up.
@@ -104,9 +105,15 @@ def tokplug_validate(ctx: RunContext) -> None:
 
 @_spec("tokenizer", "first")
 def tokplug_load_tokenizer(ctx: RunContext) -> Any:
-    """Return the tokenizer to use instead of loading ``model.name_or_path``'s own, or ``None``.
+    """Return a tokenizer to use instead of the model's own, or ``None`` to keep it.
 
-    Fires: once per run, before the model is loaded. Not called by ``hf_tokplug.apply`` (the user passes one).
+    ``ctx.base_tokenizer`` holds the model's own tokenizer (loaded from ``model.tokenizer`` or
+    ``model.name_or_path``, or the one passed to ``hf_tokplug.apply``) and stays available to every later hook: a
+    plugin that swaps the vocabulary (TokenAdapt) reads the old pieces from it and rebuilds the model's embedding
+    matrices in ``tokplug_adapt_embeddings``.
+
+    Fires: once per run, before ``tokplug_prepare_tokenizer`` and before the model is loaded (also in
+    ``hf_tokplug.apply``, where a returned tokenizer becomes ``ctx.tokenizer``).
     Rule: first result.
     """
 
@@ -134,6 +141,20 @@ def tokplug_load_model(ctx: RunContext) -> Any:
 
     Fires: once per run, after the tokenizer hooks. Not called by ``hf_tokplug.apply``.
     Rule: first result.
+    """
+
+
+@_spec("model", "chain", "model")
+def tokplug_adapt_embeddings(ctx: RunContext, model: Any) -> Any:
+    """Rebuild the model's vocabulary-sized matrices for ``ctx.tokenizer``; return a replacement or ``None``.
+
+    For plugins that replaced the tokenizer in ``tokplug_load_tokenizer``: the model still has the rows of
+    ``ctx.base_tokenizer``. After this hook, row ``i`` of the input (and untied output) embeddings must mean token
+    ``i`` of ``ctx.tokenizer``, ignoring ``ctx.added_tokens``: the host then creates and initialises the rows of
+    tokens that plugins added in ``tokplug_prepare_tokenizer`` with their requested strategies, as usual.
+
+    Fires: once per run, right after the model is loaded, before added-token rows are created.
+    Rule: chain on ``model``.
     """
 
 

@@ -32,6 +32,9 @@ def manifest(ctx: Any) -> dict[str, Any]:
         "task": ctx.task,
         "base_model": ctx.base_model,
         "adapter": _is_peft(ctx.model),
+        # Rows of the input embedding: an adapter folder restores onto the base model resized to this size
+        # (a swapped or padded vocabulary is not len(tokenizer)).
+        "embedding_rows": _embedding_rows(ctx.model),
         "plugins": [
             {
                 "name": name,
@@ -44,6 +47,13 @@ def manifest(ctx: Any) -> dict[str, Any]:
         "added_tokens": [t.to_json() for t in ctx.added_tokens],
         "library_versions": library_versions(),
     }
+
+
+def _embedding_rows(model: Any) -> int | None:
+    try:
+        return int(model.get_input_embeddings().weight.shape[0])
+    except Exception:  # no model yet, or a model without token embeddings (e.g. a Diffusers pipeline)
+        return None
 
 
 def _is_peft(model: Any) -> bool:

@@ -21,7 +21,7 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     recipe = runner.recipe
     if recipe.data is None or recipe.data.train is None:
         raise RecipeError("preview needs data.train", where=f"{runner.source}: data.train")
-    tokenizer = ctx.call("tokplug_load_tokenizer") or runner.load_tokenizer(ctx)
+    tokenizer = ctx.load_tokenizer(runner.load_tokenizer(ctx))
     runner.add_task_tokens(ctx, tokenizer)  # the same ids as in the run
     ctx.prepare_tokenizer(tokenizer)
     if tokenizer.pad_token is None:

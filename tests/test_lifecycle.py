@@ -35,6 +35,11 @@ class Recorder(Plugin):
         CALLS.append("load_model")
 
     @hookimpl
+    def tokplug_adapt_embeddings(self, ctx, model):
+        assert ctx.base_tokenizer is ctx.tokenizer  # nobody swapped it
+        CALLS.append("adapt_embeddings")
+
+    @hookimpl
     def tokplug_prepare_model(self, ctx, model):
         assert not hasattr(model, "peft_config")  # before the adapter
         CALLS.append("prepare_model")
@@ -108,7 +113,8 @@ def test_recipe_run_fires_hooks_in_order(tmp_path):
     assert metrics["recorder/answer"] == 42.0
     once = [c for c in CALLS if c != "loss_terms"]
     assert once == [
-        "validate", "load_tokenizer", "prepare_tokenizer", "load_model", "prepare_model", "adapter_config",
+        "validate", "load_tokenizer", "prepare_tokenizer", "load_model", "adapt_embeddings", "prepare_model",
+        "adapter_config",
         "post_model_load", "prepare_dataset:train", "prepare_dataset:eval", "wrap_collator", "callbacks",
         "post_trainer_create", "save", "save", "post_train", "evaluate", "save", "model_card",
     ]  # two checkpoint saves (steps 2 and 4), then the final folder

@@ -190,7 +190,7 @@ class Runner:
         spec = self.recipe.model
         location = spec.tokenizer or spec.name_or_path
         if toy.is_toy(location):
-            return toy.load_toy_tokenizer()
+            return toy.load_tokenizer(location)
         return AutoTokenizer.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
     def load_model(self, ctx: RunContext) -> Any:
@@ -241,7 +241,7 @@ class Runner:
 
     def build_objects(self, ctx: RunContext) -> None:
         """Tokenizer and model through the hooks, new token rows, adapter."""
-        tokenizer = ctx.call("tokplug_load_tokenizer") or self.load_tokenizer(ctx)
+        tokenizer = ctx.load_tokenizer(self.load_tokenizer(ctx))
         self.add_task_tokens(ctx, tokenizer)
         ctx.prepare_tokenizer(tokenizer)
         model = ctx.call("tokplug_load_model") or self.load_model(ctx)
@@ -269,8 +269,10 @@ class Runner:
             from peft import PeftModel
 
             base = auto.from_pretrained(weights)
-            if base.get_input_embeddings().weight.shape[0] < len(ctx.tokenizer):
-                base.resize_token_embeddings(len(ctx.tokenizer), mean_resizing=False)
+            current = base.get_input_embeddings().weight.shape[0]
+            rows = manifest.get("embedding_rows") or max(current, len(ctx.tokenizer))
+            if current != rows:
+                base.resize_token_embeddings(rows, mean_resizing=False)
             ctx.model = PeftModel.from_pretrained(base, str(folder))
         else:
             ctx.model = auto.from_pretrained(str(folder))

