@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 

@@ -171,9 +171,12 @@ def build_estimator(
     phi_old: torch.Tensor,
     neighbour_mask: torch.Tensor,
     config: TokenAdaptConfig,
-    chunk: int = 4096,
+    chunk_floats: int = 2**25,
 ) -> Estimator:
     """Local, FVT and global weights for every new token (vectorised, chunked over tokens).
+
+    One ``(chunk, V_old)`` cosine matrix per chunk serves both estimates: the local similarities are gathered
+    from it at the piece ids, the global neighbours are its top-k. ``chunk_floats`` bounds that matrix.
 
     Args:
         pieces: old ids of each new token's pieces.
@@ -185,9 +188,10 @@ def build_estimator(
     n = len(pieces)
     width = max((len(p) for p in pieces), default=0)
     ids = torch.full((n, width), -1, dtype=torch.long)
-    for row, p in enumerate(pieces):
-        if p:
-            ids[row, : len(p)] = torch.tensor(p, dtype=torch.long)
+    lengths = torch.tensor([len(p) for p in pieces], dtype=torch.long)
+    if width:
+        flat = torch.tensor([i for p in pieces for i in p], dtype=torch.long)
+        ids[torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)] = flat
     valid = ids >= 0
     t = config.temperature
     local_w = torch.zeros(n, width)
@@ -197,12 +201,14 @@ def build_estimator(
     global_w = torch.zeros(n, k)
     has_phi = phi_new.norm(dim=1) > 0
     allowed = torch.where(neighbour_mask, 0.0, float("-inf"))
-    for s in range(0, n, chunk):
-        sl = slice(s, s + chunk)
-        v = valid[sl]
+    step = max(1, chunk_floats // max(phi_old.shape[0], 1))
+    for s in range(0, n, step):
+        sl = slice(s, s + step)
+        v, piece_ids = valid[sl], ids[sl].clamp(min=0)
+        cosine = phi_new[sl] @ phi_old.T  # (chunk, V_old)
         # local: cosine of the token's string with each piece's string, and the piece's share of the length
-        sim = torch.einsum("nd,npd->np", phi_new[sl], phi_old[ids[sl].clamp(min=0)])
-        length = old_len[ids[sl].clamp(min=0)] / surface_len[sl].clamp(min=1).unsqueeze(1)
+        sim = cosine.gather(1, piece_ids)
+        length = old_len[piece_ids] / surface_len[sl].clamp(min=1).unsqueeze(1)
         if config.local_weighting == "double_softmax":
             score = (_masked_softmax(sim, v) + length) / 2 / t
         else:
@@ -210,8 +216,7 @@ def build_estimator(
         local_w[sl] = _masked_softmax(score, v) * has_phi[sl].unsqueeze(1)
         # global: exact top-k cosine neighbours among the allowed old tokens
         if k:
-            scores = phi_new[sl] @ phi_old.T + allowed
-            top, idx = scores.topk(k, dim=1)
+            top, idx = (cosine + allowed).topk(k, dim=1)
             keep = (top >= config.threshold) & torch.isfinite(top) & has_phi[sl].unsqueeze(1)
             w = _masked_softmax(top / t, keep)
             w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
