@@ -217,3 +217,18 @@ def test_new_tokenizer_without_eos_is_refused(tmp_path):
 def test_builtin_recipes_exist():
     for name in ("tokenadapt_transplant", "tokenadapt_then_sft"):
         assert (REPO / "recipes" / f"{name}.yaml").is_file()
+
+
+def test_tied_model_with_lora_restores_identically(tmp_path):
+    runner, _ = run_recipe(tmp_path, "tied", model={"name_or_path": "toy://qwen2"}, adapter={"r": 4},
+                           plugins={"tokenadapt": {"tokenizer": "toy://tokenizer/kjv-unigram", "input_init": "fvt",
+                                                   **NO_EVAL}})
+    restored = hf_tokplug.from_pretrained(tmp_path / "tied")
+    ids = restored.tokenizer("In the beginning God created", return_tensors="pt")["input_ids"]
+    for ctx in (runner.ctx, restored):
+        ctx.model.eval()
+        emb = ctx.model.get_input_embeddings().weight
+        assert ctx.model.get_output_embeddings().weight.data_ptr() == emb.data_ptr()  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(restored.model(input_ids=ids).logits, runner.ctx.model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
