@@ -10,9 +10,10 @@ from .hookspecs import hookimpl
 @hookimpl
 def tokplug_register_runners(register: Callable[[str, type], None]) -> None:
     from .runners.causal_lm import CausalLMPrepare, CausalLMSFT
+    from .runners.diffusion_lora import DiffusionGenerate, DiffusionLoRA
     from .runners.masked_diffusion import MaskedDiffusionSFT
 
-    for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT):
+    for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT, DiffusionLoRA, DiffusionGenerate):
         register(runner.task, runner)
 
 

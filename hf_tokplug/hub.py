@@ -82,7 +82,7 @@ def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = N
             if spec is not None and "/" in spec.path and not os.path.exists(spec.path) and not toy.is_toy(spec.path):
                 datasets.append(spec.path)
     card = ModelCardData(
-        library_name="peft" if _is_peft(ctx.model) else "transformers",
+        library_name=getattr(ctx.model, "library_name", None) or ("peft" if _is_peft(ctx.model) else "transformers"),
         base_model=base,
         tags=["hf-tokplug", *(f"tokplug-{n}" for n in ctx.plugins), *([ctx.task] if ctx.task else [])],
         datasets=sorted(set(datasets)) or None,

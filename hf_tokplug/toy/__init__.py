@@ -5,6 +5,7 @@
     toy://qwen2      Qwen2-style causal LM, tied embeddings
     toy://gpt-neox   GPT-NeoX causal LM (parallel attention, rotary on part of the head)
     toy://gemma-bidir  Gemma with bidirectional attention: a masked-diffusion LM (task masked_diffusion_sft)
+    toy://sd         a tiny Stable Diffusion pipeline (task diffusion_lora; see hf_tokplug.toy.diffusion)
 
 Each is a tiny real transformers architecture built from a config with a fixed seed, sharing one byte-level BPE
 tokenizer (2,048 tokens, ChatML template) trained on a bundled King James Version excerpt (public domain) and
@@ -281,6 +282,10 @@ def resolve(name_or_path: str) -> str:
     """
     if not is_toy(name_or_path):
         return name_or_path
+    from .diffusion import PIPELINES, pipeline_path
+
+    if name_or_path[len(SCHEME):] in PIPELINES:
+        return str(pipeline_path(name_or_path[len(SCHEME):]))
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):  # transformers' own test for "only rank 0 writes"
