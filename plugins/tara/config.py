@@ -22,6 +22,8 @@ class TARAConfig(PluginConfig):
             (``tokplug_prepare_pipeline``); each applies its masked K/V delta only at its own token's positions.
         fuse_global: at composition, merge the adapters' unmasked branches (self-attention, to_q, to_out) into the
             base weights, leaving only the masked cross-attention K/V branches live (same outputs, less latency).
+        cache_kv: at composition, compute the cross-attention K/V once per prompt and reuse them at every denoising
+            step (the text side does not change between steps).
     """
 
     rare_token: str | None = None
@@ -30,3 +32,4 @@ class TARAConfig(PluginConfig):
     mask: bool = True
     compose: list[str] = Field(default_factory=list)
     fuse_global: bool = True
+    cache_kv: bool = True

@@ -11,12 +11,13 @@ from hf_tokplug.runners.diffusion_lora import load_pipeline
 from .masking import compose
 
 
-def composed_pipeline(base: str, adapters: list[str], fuse_global: bool = True, dtype: Any = None) -> Any:
+def composed_pipeline(base: str, adapters: list[str], fuse_global: bool = True, dtype: Any = None,
+                      cache_kv: bool = True) -> Any:
     """The base pipeline with ``adapters`` composed (each masked at its own rare token)."""
     pipe = load_pipeline(base, dtype=dtype)
     if torch.cuda.is_available():
         pipe = pipe.to("cuda")
-    compose(pipe, adapters, fuse_global=fuse_global)
+    compose(pipe, adapters, fuse_global=fuse_global, cache_kv=cache_kv)
     return pipe
 
 

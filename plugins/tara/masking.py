@@ -78,10 +78,12 @@ class MaskState:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     input_ids: torch.Tensor | None = None
     handles: list[Any] = field(default_factory=list)
+    version: int = 0  # bumped whenever the masks change (invalidates cached K/V)
 
     def set_from_ids(self, input_ids: torch.Tensor, negative_rows: int = 0) -> None:
         """Masks for ``input_ids``; ``negative_rows`` zero rows are prepended (the CFG negative half)."""
         self.input_ids = input_ids
+        self.version += 1
         for name, concept in self.concepts.items():
             mask = token_mask(input_ids, concept.variants)
             if negative_rows:
@@ -133,6 +135,33 @@ def install(unet: Any, text_encoder: Any, tokenizer: Any, concepts: dict[str, st
     return state
 
 
+def cache_cross_kv(unet: Any, state: MaskState) -> None:
+    """Reuse each cross-attention K/V across denoising steps (inference only).
+
+    The text side of cross-attention is the same tensor at every step of one pipeline call, and so are the masks:
+    K and V (base + masked deltas) are computed once and returned again while the input tensor (same object, same
+    in-place version) and the masks are unchanged. Training and anything under autograd bypass the cache.
+    """
+    for module in cross_attention_layers(unet).values():
+        if getattr(module, "_tara_cached", False):
+            continue
+        original = module.forward
+        cache: dict[str, Any] = {}
+
+        def forward(x: torch.Tensor, *args: Any, _original: Any = original, _cache: dict = cache,
+                    _module: Any = module, **kwargs: Any) -> torch.Tensor:
+            if _module.training or torch.is_grad_enabled():
+                return _original(x, *args, **kwargs)
+            if _cache.get("x") is x and _cache["key"] == (x._version, state.version, args, tuple(kwargs)):
+                return _cache["out"]
+            out = _original(x, *args, **kwargs)
+            _cache.update(x=x, key=(x._version, state.version, args, tuple(kwargs)), out=out)
+            return out
+
+        module.forward = forward
+        module._tara_cached = True
+
+
 def patch_pipeline(pipeline: Any, state: MaskState) -> None:
     """Wrap this pipeline instance's ``encode_prompt`` so the masks match the UNet batch (negative half zero)."""
     if getattr(pipeline, "_tara_state", None) is not None:
@@ -180,12 +209,27 @@ def _local(folder: str) -> Path:
     return Path(snapshot_download(folder))
 
 
-def compose(pipeline: Any, adapters: list[str], fuse_global: bool = True) -> MaskState:
+def fuse_unmasked(unet: Any, adapters: list[str]) -> int:
+    """Merge ``adapters`` into the base weights of every LoRA layer except the masked cross-attention K/V, and put
+    the plain base layers back in place of those wrappers (inference only: they cannot be unmerged). Returns the
+    number of layers fused."""
+    masked = set(cross_attention_layers(unet).values())
+    fused = [(name, m) for name, m in unet.named_modules() if hasattr(m, "lora_B") and m not in masked]
+    for name, module in fused:
+        module.merge(adapter_names=adapters)
+        parent, _, leaf = name.rpartition(".")
+        setattr(unet.get_submodule(parent) if parent else unet, leaf, module.get_base_layer())
+    return len(fused)
+
+
+def compose(pipeline: Any, adapters: list[str], fuse_global: bool = True, cache_kv: bool = True) -> MaskState:
     """Load N TARA adapters into ``pipeline`` and mask each at its own rare token; returns the mask state.
 
     Each adapter's LoRA loads with its saved config (rank, alpha: the training scale). All adapters are active with
     weight 1: PEFT sums their branches; the cross-attention K/V branches are masked per adapter. With
-    ``fuse_global`` the unmasked branches are merged into the base weights (identical outputs, fewer live layers).
+    ``fuse_global`` the unmasked branches are merged into the base weights (identical outputs, no LoRA wrapper left
+    outside the masked layers; the pipeline is then for inference: load a fresh one to compose other adapters);
+    with ``cache_kv`` the cross-attention K/V are computed once per prompt instead of once per step.
     """
     concepts: dict[str, str] = {}
     for i, ref in enumerate(adapters):
@@ -197,9 +241,8 @@ def compose(pipeline: Any, adapters: list[str], fuse_global: bool = True) -> Mas
     pipeline.set_adapters(list(concepts), adapter_weights=[1.0] * len(concepts))
     state = install(pipeline.unet, pipeline.text_encoder, pipeline.tokenizer, concepts)
     if fuse_global:
-        masked = set(cross_attention_layers(pipeline.unet).values())
-        for module in pipeline.unet.modules():
-            if hasattr(module, "lora_B") and module not in masked and hasattr(module, "merge"):
-                module.merge(adapter_names=list(concepts))
+        fuse_unmasked(pipeline.unet, list(concepts))
+    if cache_kv:
+        cache_cross_kv(pipeline.unet, state)
     patch_pipeline(pipeline, state)
     return state

@@ -147,7 +147,7 @@ class TARAPlugin(Plugin):
     @hookimpl
     def tokplug_prepare_pipeline(self, ctx, pipeline):
         if self.config.compose:
-            compose(pipeline, self.config.compose, fuse_global=self.config.fuse_global)
+            compose(pipeline, self.config.compose, fuse_global=self.config.fuse_global, cache_kv=self.config.cache_kv)
         elif self.state is not None and self.config.mask:
             patch_pipeline(pipeline, self.state)  # sample renders during / after training
         return pipeline
