@@ -138,11 +138,8 @@ def scale_child(model_dir: str, old_dir: str, out_json: str) -> None:
     new = prepare_new_tokenizer(old, toy.load_tokenizer(config.tokenizer), config, "plugins.tokenadapt")
     report = transplant(model, old, new, config)
     seconds = time.perf_counter() - start
-    from hf_tokplug_plugins.tokenadapt.embedder import get_embedder
-
     rate = report.strings_embedded / max(report.seconds.get("embed", 1e-9), 1e-9)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    get_embedder  # noqa: B018 (imported for the cache it holds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB (10^9 bytes)
     Path(out_json).write_text(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "embed_strings_per_second": rate,
                                           "report": report.to_json()}))
 
@@ -184,6 +181,7 @@ def main() -> None:
         name: ratio(model, tok_a, tok_s, cfg, held, base)[0] for name, cfg in configs(default).items()
         if name in ("mean", "fvt", "hybrid")
     }
+    result["supertokens"]["variants"] = {k: ratio(model, tok_a, tok_s, c, held, base)[0] for k, c in variants.items()}
     result["supertokens"]["bytes_per_token"] = sum(len(t.encode()) for t in held) / sum(
         len(i) for i in tok_s(held, add_special_tokens=False)["input_ids"])
     if not args.skip_scale:
@@ -208,6 +206,7 @@ def main() -> None:
         scale["bpb_ratio"] = ratio(model, tok_a, qwen_tok, default, held, base)[0]
         scale["mean_bpb_ratio"] = ratio(model, tok_a, qwen_tok, cfgs["mean"], held, base)[0]
         scale["fvt_bpb_ratio"] = ratio(model, tok_a, qwen_tok, cfgs["fvt"], held, base)[0]
+        scale["variants"] = {k: ratio(model, tok_a, qwen_tok, c, held, base)[0] for k, c in variants.items()}
         result["scale"] = scale
     print(json.dumps(result))
 

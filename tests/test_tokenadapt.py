@@ -127,7 +127,7 @@ def test_embedder_dedupes_and_caches():
     # the 'the' variants are one input to an uncased WordPiece model: 3 distinct inputs ('' is one)
     assert emb.strings_embedded - before == 3
     torch.testing.assert_close(v[0], v[1])
-    assert v[4].abs().sum() == 0 and abs(float(v[3].norm()) - 1) < 1e-5
+    assert v[4].abs().sum() == 0 and abs(float(v[3].float().norm()) - 1) < 1e-3
     again = emb.embed_cached(["the", " The", "the ", "beginning", ""], "test", progress=False)
     assert emb.strings_embedded - before == 3 and torch.equal(v, again)  # from the disk cache
 

@@ -248,7 +248,7 @@ def _strategy(kind: str):
             phi_old = embedder.embed_cached(old_surf, "old-vocab", progress=False)
             phi_new = embedder.embed(list(request.tokens), progress=False)
         special = set(tokenizer.added_tokens_decoder)
-        mask = (phi_old.norm(dim=1) > 0) & torch.tensor([i not in special for i in range(old_n)])
+        mask = (phi_old.float().norm(dim=1) > 0) & torch.tensor([i not in special for i in range(old_n)])
         estimator = build_estimator(pieces, torch.tensor([float(len(t)) for t in request.tokens]),
                                     torch.tensor([float(len(s)) for s in old_surf]), phi_new, phi_old, mask, config)
         rows, ok = estimator.rows(request.old_rows, kind)

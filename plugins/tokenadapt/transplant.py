@@ -19,7 +19,7 @@ from hf_tokplug import PluginError
 from .config import EmbedderConfig, TokenAdaptConfig
 
 ROLES = ("bos_token", "eos_token", "pad_token", "unk_token")
-MAX_PIECES = 64
+MAX_PIECES = 32  # longer piece lists (runs of one character) add nothing but memory
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -103,6 +103,7 @@ class Estimator:
     neighbours: torch.Tensor
     global_w: torch.Tensor
     weight: float
+    vocab: int
 
     @property
     def has_local(self) -> torch.Tensor:
@@ -112,33 +113,34 @@ class Estimator:
     def has_global(self) -> torch.Tensor:
         return self.global_w.sum(1) > 0
 
-    def rows(self, matrix: torch.Tensor, strategy: str, chunk_bytes: int = 256 * 2**20
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def weights(self, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sparse ``(N, V_old)`` mixing matrix of a composed ``strategy`` and the mask of tokens it covers."""
+        n, v_old = self.pieces.shape[0], self.vocab
+        local_w = self.fvt_w if strategy == "fvt" else self.local_w
+        has_l, has_g = local_w.sum(1) > 0, self.has_global
+        parts = []
+        if strategy in ("local", "fvt", "hybrid"):
+            scale = torch.where(has_g, 1 - self.weight, 1.0) if strategy == "hybrid" else torch.ones(n)
+            parts.append((self.pieces, local_w * scale.unsqueeze(1)))
+        if strategy in ("global", "hybrid"):
+            scale = torch.where(has_l, self.weight, 1.0) if strategy == "hybrid" else torch.ones(n)
+            parts.append((self.neighbours, self.global_w * scale.unsqueeze(1)))
+        rows, cols, vals = [], [], []
+        for ids, w in parts:
+            keep = (w != 0) & (ids >= 0)
+            rows.append(keep.nonzero()[:, 0])
+            cols.append(ids[keep])
+            vals.append(w[keep])
+        matrix = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (n, v_old))
+        ok = {"local": has_l, "fvt": has_l, "global": has_g, "hybrid": has_l | has_g}[strategy]
+        return matrix.coalesce(), ok
+
+    def rows(self, matrix: torch.Tensor, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, H)`` rows of a composed ``strategy`` (local, fvt, global, hybrid) from the old ``matrix``, and the
-        mask of tokens that got an estimate (the others are zero: the caller fills them with the fallback)."""
-        n, hidden = self.pieces.shape[0], matrix.shape[1]
-        old = matrix.float()
-        out = torch.zeros(n, hidden)
-        ok = torch.zeros(n, dtype=torch.bool)
-        width = max(self.pieces.shape[1], self.neighbours.shape[1], 1)
-        step = max(1, chunk_bytes // (4 * width * hidden))
-        for s in range(0, n, step):
-            sl = slice(s, s + step)
-            if strategy in ("local", "fvt", "hybrid"):
-                local = _mix(old, self.pieces[sl], self.fvt_w[sl] if strategy == "fvt" else self.local_w[sl])
-                has_l = (self.fvt_w if strategy == "fvt" else self.local_w)[sl].sum(1) > 0
-            if strategy in ("global", "hybrid"):
-                glob = _mix(old, self.neighbours[sl], self.global_w[sl])
-                has_g = self.has_global[sl]
-            if strategy in ("local", "fvt"):
-                out[sl], ok[sl] = local, has_l
-            elif strategy == "global":
-                out[sl], ok[sl] = glob, has_g
-            else:
-                both = (1 - self.weight) * local + self.weight * glob
-                out[sl] = torch.where(has_l.unsqueeze(1), torch.where(has_g.unsqueeze(1), both, local), glob)
-                ok[sl] = has_l | has_g
-        return out, ok
+        mask of tokens that got an estimate (the others are zero: the caller fills them with the fallback).
+        One sparse-dense product: no per-token gather of padded piece lists."""
+        weights, ok = self.weights(strategy)
+        return torch.sparse.mm(weights, matrix.float()), ok
 
 
 def fallback_rows(matrix: torch.Tensor, n: int, kind: str, generator: torch.Generator) -> torch.Tensor:
@@ -147,14 +149,6 @@ def fallback_rows(matrix: torch.Tensor, n: int, kind: str, generator: torch.Gene
     if kind == "mean":
         return old.mean(0, keepdim=True).expand(n, -1).clone()
     return torch.randn(n, old.shape[1], generator=generator) * old.std() + old.mean()
-
-
-def _mix(matrix: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_j weights[n, j] * matrix[ids[n, j]]`` (ids of -1 carry weight 0)."""
-    if ids.shape[1] == 0:
-        return torch.zeros(ids.shape[0], matrix.shape[1])
-    gathered = matrix[ids.clamp(min=0)]  # (n, P, H)
-    return torch.einsum("np,nph->nh", weights, gathered)
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,7 +165,7 @@ def build_estimator(
     phi_old: torch.Tensor,
     neighbour_mask: torch.Tensor,
     config: TokenAdaptConfig,
-    chunk_floats: int = 2**25,
+    chunk_floats: int = 2**23,
 ) -> Estimator:
     """Local, FVT and global weights for every new token (vectorised, chunked over tokens).
 
@@ -199,13 +193,14 @@ def build_estimator(
     k = min(config.top_k, int(neighbour_mask.sum()))
     neighbours = torch.zeros(n, k, dtype=torch.long)
     global_w = torch.zeros(n, k)
-    has_phi = phi_new.norm(dim=1) > 0
+    phi_old = phi_old.float()
+    has_phi = phi_new.float().norm(dim=1) > 0
     allowed = torch.where(neighbour_mask, 0.0, float("-inf"))
     step = max(1, chunk_floats // max(phi_old.shape[0], 1))
     for s in range(0, n, step):
         sl = slice(s, s + step)
         v, piece_ids = valid[sl], ids[sl].clamp(min=0)
-        cosine = phi_new[sl] @ phi_old.T  # (chunk, V_old)
+        cosine = phi_new[sl].float() @ phi_old.T  # (chunk, V_old)
         # local: cosine of the token's string with each piece's string, and the piece's share of the length
         sim = cosine.gather(1, piece_ids)
         length = old_len[piece_ids] / surface_len[sl].clamp(min=1).unsqueeze(1)
@@ -221,7 +216,7 @@ def build_estimator(
             w = _masked_softmax(top / t, keep)
             w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
             neighbours[sl], global_w[sl] = idx, w * keep
-    return Estimator(ids, local_w, fvt_w, neighbours, global_w, config.weight)
+    return Estimator(ids, local_w, fvt_w, neighbours, global_w, config.weight, phi_old.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -342,11 +337,12 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
         report.seconds["embed"] = time.perf_counter() - clock
         clock = time.perf_counter()
         special_old = set(old.added_tokens_decoder)
-        neighbour_mask = (phi_old.norm(dim=1) > 0) & torch.tensor([i not in special_old for i in range(old_n)])
+        neighbour_mask = (phi_old.float().norm(dim=1) > 0) & torch.tensor([i not in special_old for i in range(old_n)])
         estimator = build_estimator(
             pieces, torch.tensor([len(new_surf[i]) for i in unique.tolist()], dtype=torch.float),
             torch.tensor([len(s) for s in old_surf], dtype=torch.float), phi_new, phi_old, neighbour_mask, config,
         )
+        del phi_old, phi_new, pieces  # the estimator keeps only ids and weights
         report.with_local = int(estimator.has_local.sum())
         report.with_global = int(estimator.has_global.sum())
         report.seconds["weights"] = time.perf_counter() - clock
@@ -356,11 +352,16 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     rows_needed = len(new)
     if config.pad_to_multiple_of:
         rows_needed = math.ceil(rows_needed / config.pad_to_multiple_of) * config.pad_to_multiple_of
+    out_module = model.get_output_embeddings()
+    bias = getattr(out_module, "bias", None) if out_module is not None else None
+    old_bias = bias.detach()[:old_n].float().clone() if bias is not None else None
+    # Resize first and fill the model's own matrices in place: no second copy of a 151k-row matrix.
+    model.resize_token_embeddings(rows_needed, mean_resizing=False)
 
-    def build(old_matrix: torch.Tensor, strategy: str) -> tuple[torch.Tensor, int]:
-        matrix = torch.empty(rows_needed, old_matrix.shape[1])
+    @torch.no_grad()
+    def fill(weight: torch.Tensor, old_matrix: torch.Tensor, strategy: str) -> int:
         shared = source >= 0
-        matrix[: len(new)][shared] = old_matrix[source[shared]]
+        weight[: len(new)][shared] = old_matrix[source[shared]].to(weight.dtype)
         missing = 0
         if report.unique:
             if strategy in ("mean", "random"):
@@ -370,39 +371,25 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
                 missing = int((~ok).sum())
                 if missing:
                     rows[~ok] = fallback_rows(old_matrix, missing, config.fallback, generator)
-            matrix[unique] = rows
+            weight[unique] = rows.to(weight.dtype)
         if rows_needed > len(new):  # padding rows: never produced by the tokenizer
-            matrix[len(new):] = fallback_rows(old_matrix, rows_needed - len(new), "normal", generator)
-        return matrix, missing
+            weight[len(new):] = fallback_rows(old_matrix, rows_needed - len(new), "normal", generator).to(weight.dtype)
+        return missing
 
-    new_in, report.fallback_input = build(old_in, config.input_init)
-    new_out = None
+    report.fallback_input = fill(model.get_input_embeddings().weight, old_in, config.input_init)
+    out_module = model.get_output_embeddings()
     if old_out is not None:
-        new_out, report.fallback_output = build(old_out, config.output_init)
+        report.fallback_output = fill(out_module.weight, old_out, config.output_init)
+    if old_bias is not None and getattr(out_module, "bias", None) is not None:
+        with torch.no_grad():
+            b = torch.full((rows_needed,), float(old_bias.mean()))
+            shared = source >= 0
+            b[: len(new)][shared] = old_bias[source[shared]]
+            out_module.bias.copy_(b.to(out_module.bias.dtype))
     report.seconds["rows"] = time.perf_counter() - clock
-
-    _install(model, new_in, new_out, old_n, source)
     report.embedding_rows = rows_needed
     _update_special_ids(model, new)
     return report
-
-
-@torch.no_grad()
-def _install(model: Any, new_in: torch.Tensor, new_out: torch.Tensor | None, old_n: int, source: torch.Tensor) -> None:
-    out_module = model.get_output_embeddings()
-    bias = getattr(out_module, "bias", None) if out_module is not None else None
-    old_bias = bias.detach()[:old_n].float().clone() if bias is not None else None
-    model.resize_token_embeddings(new_in.shape[0], mean_resizing=False)
-    emb = model.get_input_embeddings()
-    emb.weight.copy_(new_in.to(emb.weight.dtype))
-    out_module = model.get_output_embeddings()
-    if new_out is not None:
-        out_module.weight.copy_(new_out.to(out_module.weight.dtype))
-    if old_bias is not None and getattr(out_module, "bias", None) is not None:
-        b = torch.full((new_in.shape[0],), float(old_bias.mean()))
-        shared = source >= 0
-        b[: len(source)][shared] = old_bias[source[shared]]
-        out_module.bias.copy_(b.to(out_module.bias.dtype))
 
 
 def _update_special_ids(model: Any, tokenizer: Any) -> None:
