@@ -120,3 +120,12 @@ def test_fused_and_cached_composition_gives_the_same_images(adapters):
         outs.append(pipe("a photo of sks square and zwx circle", num_inference_steps=3, guidance_scale=5.0, height=32,
                          width=32, generator=torch.Generator().manual_seed(0), output_type="latent").images)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-3, atol=1e-3)  # merged weights round differently
+
+
+def test_compose_recipe_renders_images(adapters, tmp_path):
+    _, metrics = run_recipe(tmp_path, "gen", task="diffusion_generate", model={"name_or_path": "toy://sd"}, data=None,
+                            task_options={"resolution": 32, "num_inference_steps": 2,
+                                          "sample_prompts": ["a photo of sks square and zwx circle"]},
+                            plugins={"tara": {"compose": [str(adapters[0]), str(adapters[1])]}}, train={})
+    assert metrics["images"] == 1 and (tmp_path / "gen" / "samples" / "00.png").is_file()
+    assert "TARA composition" in (tmp_path / "gen" / "README.md").read_text()

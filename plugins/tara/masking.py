@@ -206,7 +206,12 @@ def _local(folder: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(folder))
+    try:
+        return Path(snapshot_download(folder))
+    except Exception as exc:
+        raise PluginError(f"TARA adapter {folder!r} is neither a local folder nor a reachable Hub repo: {exc}",
+                          where="plugins.tara.compose",
+                          fix="give the output folder of a diffusion_lora run with the tara plugin, or a Hub repo id") from None
 
 
 def fuse_unmasked(unet: Any, adapters: list[str]) -> int:
