@@ -171,7 +171,8 @@ def main() -> None:
         result["bpb_ratio"][name], result["seconds"][name] = ratio(model, tok_a, tok_b, cfg, held, base)
         print(f"A->B {name}: bpb ratio {result['bpb_ratio'][name]:.4f}", flush=True)
     variants = {"hybrid_both_sides": default.model_copy(update={"output_init": "hybrid"}),
-                "fvt_in_mean_out": default.model_copy(update={"input_init": "fvt"})}
+                "hybrid_in_mean_out": default.model_copy(update={"output_init": "mean"}),
+                "fvt_in_mean_out": default.model_copy(update={"input_init": "fvt", "output_init": "mean"})}
     result["variants"] = {k: ratio(model, tok_a, tok_b, c, held, base)[0] for k, c in variants.items()}
     new_b = prepare_new_tokenizer(tok_a, copy.deepcopy(tok_b), default, "x")
     probe = copy.deepcopy(model)

@@ -78,8 +78,12 @@ class TokenAdaptConfig(PluginConfig):
     Args:
         tokenizer: the new tokenizer: Hub id, local folder, or ``toy://tokenizer/<name>``.
         input_init: strategy for the input embedding rows (and for the one matrix of a tied model).
-        output_init: strategy for the output (LM head) rows of an untied model. ``mean`` measured best: composed
-            output rows pull probability away from shared tokens (docs/plugins/tokenadapt.md has the numbers).
+        output_init: strategy for the output (LM head) rows of an untied model, or ``auto`` (default): the
+            ``input_init`` strategy while the new tokens number at most ``auto_output_ratio`` x the old vocabulary,
+            else ``mean``. Measured (docs/plugins/tokenadapt.md): composed output rows help for swaps to a similar
+            vocabulary (4k -> 6k BPE, 6k supertokens) and hurt for a 151k one, where ~150k composed rows pull
+            probability away from the shared tokens.
+        auto_output_ratio: the threshold of ``output_init: auto`` (new tokens / old vocabulary size).
         weight: w, the global estimate's share in ``hybrid`` (0 = local only, 1 = global only).
         temperature: T of the softmaxes (0.3 in the paper; its Llama runs used 0.6).
         top_k: neighbours of the global estimate.
@@ -97,7 +101,8 @@ class TokenAdaptConfig(PluginConfig):
 
     tokenizer: str | None = None
     input_init: Strategy = "hybrid"
-    output_init: Strategy = "mean"
+    output_init: Strategy | Literal["auto"] = "auto"
+    auto_output_ratio: float = Field(1.0, ge=0.0)
     weight: float = Field(0.3, ge=0.0, le=1.0)
     temperature: float = Field(0.3, gt=0.0)
     top_k: int = Field(3, ge=1)

@@ -205,7 +205,7 @@ class TokenAdaptPlugin(Plugin):
             f"Tokenizer swapped from {r.old_vocab:,} to {r.new_vocab:,} tokens (`{c.tokenizer}`). "
             f"{r.shared:,} shared tokens copied exactly ({r.shared_raw:,} by vocabulary key, {r.shared_surface:,} by "
             f"decoded string, {r.shared_special:,} special by role); {r.unique:,} new tokens initialised with "
-            f"`{c.input_init}` input rows" + ("" if r.tied else f" and `{c.output_init}` output rows")
+            f"`{c.input_init}` input rows" + ("" if r.tied else f" and `{r.output_init}` output rows")
             + f" (w={c.weight}, T={c.temperature}, top-k={c.top_k}, embedder `{c.embedder.name_or_path}`).",
         ]
         if "bpb_original" in self.scores:

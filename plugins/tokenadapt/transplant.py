@@ -305,7 +305,7 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     ``config.output_init`` (untied LM head) estimates; the embedding is resized (``pad_to_multiple_of``) and the
     special-token ids of ``model.config`` and ``model.generation_config`` follow ``new``.
     """
-    report = TransplantReport(input_init=config.input_init, output_init=config.output_init)
+    report = TransplantReport(input_init=config.input_init)
     clock = time.perf_counter()
     emb = model.get_input_embeddings()
     tied = _is_tied(model)
@@ -322,7 +322,11 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     report.unique = int(unique.numel())
     report.seconds["match"] = time.perf_counter() - clock
 
-    strategies = {config.input_init} | (set() if tied else {config.output_init})
+    output_init = config.output_init
+    if output_init == "auto":  # composed output rows help small swaps, hurt huge ones (see the config)
+        output_init = config.input_init if report.unique <= config.auto_output_ratio * old_n else "mean"
+    report.output_init = output_init if not tied else ""
+    strategies = {config.input_init} | (set() if tied else {output_init})
     estimator = None
     if report.unique and strategies & {"local", "global", "hybrid", "fvt"}:
         clock = time.perf_counter()
@@ -379,7 +383,7 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     report.fallback_input = fill(model.get_input_embeddings().weight, old_in, config.input_init)
     out_module = model.get_output_embeddings()
     if old_out is not None:
-        report.fallback_output = fill(out_module.weight, old_out, config.output_init)
+        report.fallback_output = fill(out_module.weight, old_out, output_init)
     if old_bias is not None and getattr(out_module, "bias", None) is not None:
         with torch.no_grad():
             b = torch.full((rows_needed,), float(old_bias.mean()))
