@@ -1,0 +1,110 @@
+"""Embeddings for dynamic tokens: FVT (mean of the base pieces' rows) and a hypernetwork, with an LRU cache.
+
+The hypernetwork maps a token's base pieces to an embedding: the pieces are embedded with the model's frozen
+embedding (input and output rows concatenated for decoders with an untied head), projected to width d, passed
+through a projector block ``LayerNorm(GELU(W2 GELU(W1 x)) + x)`` and a small transformer encoder, and the first
+position goes through a projector + Linear back to the model width: one head for input embeddings, another for
+output embeddings. It is initialised and warmed up to reproduce the original rows of single-piece tokens.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Projector(nn.Module):
+    """``LayerNorm(GELU(W2 GELU(W1 x)) + x)``."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w1, self.w2, self.norm = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = nn.functional.gelu
+        return self.norm(act(self.w2(act(self.w1(x)))) + x)
+
+
+class HyperNetwork(nn.Module):
+    """Pieces ``(N, P)`` (-1 = padding) -> ``(N, H)`` input embeddings (and output embeddings with ``output_head``).
+
+    Args:
+        embeddings: the model's frozen piece table ``(V, E)`` (E = H, or 2H with input and output rows concatenated).
+        hidden: model width H of the predicted rows.
+        width: d, the hypernetwork's width.
+        layers, heads: the transformer encoder over the pieces.
+        output_head: also predict output (LM head) rows.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, hidden: int, width: int = 256, layers: int = 2, heads: int = 4,
+                 output_head: bool = False, max_pieces: int = 32):
+        super().__init__()
+        self.register_buffer("table", embeddings.detach().float().clone(), persistent=False)
+        self.hidden, self.max_pieces = hidden, max_pieces
+        self.inp = nn.Linear(embeddings.shape[1], width)
+        self.pre = Projector(width)
+        self.position = nn.Embedding(max_pieces, width)
+        block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True,
+                                           norm_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.heads = nn.ModuleDict({"input": nn.Sequential(Projector(width), nn.Linear(width, hidden))})
+        if output_head:
+            self.heads["output"] = nn.Sequential(Projector(width), nn.Linear(width, hidden))
+
+    def forward(self, pieces: torch.Tensor, side: str = "input") -> torch.Tensor:
+        pieces = pieces[:, : self.max_pieces]
+        pad = pieces < 0
+        x = self.inp(self.table[pieces.clamp(min=0)])  # (N, P, d)
+        x = self.pre(x) + self.position(torch.arange(pieces.shape[1], device=pieces.device))
+        x = self.encoder(x, src_key_padding_mask=pad)
+        return self.heads[side](x[:, 0])
+
+    def config_dict(self) -> dict[str, Any]:
+        return {"hidden": self.hidden, "width": self.inp.out_features, "layers": len(self.encoder.layers),
+                "heads": self.encoder.layers[0].self_attn.num_heads, "output_head": "output" in self.heads,
+                "max_pieces": self.max_pieces}
+
+
+def pad_pieces(pieces: list[list[int]], device: Any = None) -> torch.Tensor:
+    width = max((len(p) for p in pieces), default=1)
+    out = torch.full((len(pieces), width), -1, dtype=torch.long)
+    for i, p in enumerate(pieces):
+        out[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+    return out.to(device) if device is not None else out
+
+
+def fvt_rows(table: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
+    """Mean of the base rows of each token's pieces."""
+    ids = pad_pieces(pieces, table.device)
+    valid = (ids >= 0).unsqueeze(-1).to(table.dtype)
+    return (table[ids.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+class EmbeddingCache:
+    """LRU cache of predicted rows keyed by the token's string (``maxsize`` entries)."""
+
+    def __init__(self, maxsize: int = 5000):
+        self.maxsize = maxsize
+        self.rows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> torch.Tensor | None:
+        row = self.rows.get(key)
+        if row is None:
+            self.misses += 1
+            return None
+        self.rows.move_to_end(key)
+        self.hits += 1
+        return row
+
+    def put(self, key: str, row: torch.Tensor) -> None:
+        self.rows[key] = row
+        self.rows.move_to_end(key)
+        while len(self.rows) > self.maxsize:
+            self.rows.popitem(last=False)
+
+    def clear(self) -> None:
+        self.rows.clear()
