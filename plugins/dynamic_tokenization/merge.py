@@ -1,8 +1,9 @@
 """Batch-level dynamic BPE: merge the most frequent valid adjacent pair of a whole batch, again and again.
 
-Every step runs on tensors over the batch at once: pair keys ``left * K + right`` of all adjacent positions, one
-``torch.unique`` for their counts (ties: the pair seen first), a run-parity trick for left-to-right
-non-overlapping replacement, and a stable compaction. A pair is valid when both positions belong to the same unit
+Every step runs on tensors over the batch at once (flattened to one sequence): pair keys ``left * K + right`` of
+all valid adjacent positions, counted by scatter-add into a hashed table with an exact check of the winner (ties:
+the pair seen first), a run-parity trick for left-to-right non-overlapping replacement, and one boolean
+selection to drop merged positions. A pair is valid when both positions belong to the same unit
 (the validity mode below) and neither is a special token or excluded; units come from the tokenizer's own
 offsets, so "word level" is the floor no merge can cross.
 
@@ -116,11 +117,43 @@ def encode_batch(tokenizer: Any, texts: list[str], mode: str = "pretokens", max_
 
 def _take_non_overlapping(match: torch.Tensor) -> torch.Tensor:
     """Left-to-right non-overlapping choice among matches at adjacent pair positions: in each run of consecutive
-    matches keep the 1st, 3rd, 5th, ... (``(B, T-1)`` bool in and out)."""
-    b, n = match.shape
-    idx = torch.arange(n).expand(b, n)
-    last_gap = torch.where(~match, idx, torch.full_like(idx, -1)).cummax(dim=1).values
+    matches keep the 1st, 3rd, 5th, ... (bool over the last dimension, in and out)."""
+    n = match.shape[-1]
+    idx = torch.arange(n).expand_as(match)
+    last_gap = torch.where(~match, idx, torch.full_like(idx, -1)).cummax(dim=-1).values
     return match & ((idx - last_gap - 1) % 2 == 0)
+
+
+_HASH_SLOTS = 1 << 20
+_HASH_MUL = 0x9E3779B1
+
+
+def _most_frequent(keys: torch.Tensor, table: torch.Tensor) -> int:
+    """The most frequent value of ``keys`` (ties: the first occurrence), exactly, without sorting all of them.
+
+    Counts go into a hashed table by scatter-add; a slot's count is >= the exact count of every key in it. The keys
+    in the fullest slot are counted exactly (a small ``unique``); only keys whose slot count reaches that exact
+    maximum can still win, so they are counted exactly too when a collision inflated the first guess.
+    """
+    slots = (keys * _HASH_MUL) & (_HASH_SLOTS - 1)
+    table.index_add_(0, slots, torch.ones_like(slots))
+    hashed = table[slots]
+    table[slots] = 0
+    top = hashed.max()
+    best = _exact_best(keys, hashed == top)
+    if best[1] < int(top):  # a collision inflated the fullest slot: widen to every key that can still win
+        best = _exact_best(keys, hashed >= best[1])
+    return best[0]
+
+
+def _exact_best(keys: torch.Tensor, candidates: torch.Tensor) -> tuple[int, int]:
+    positions = candidates.nonzero().squeeze(1)
+    uniq, inverse, counts = torch.unique(keys[positions], return_inverse=True, return_counts=True)
+    first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.long)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    count = int(counts.max())
+    choice = int(torch.where(counts == count, first, torch.full_like(first, keys.numel())).argmin())
+    return int(uniq[choice]), count
 
 
 def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_tokens: int | None = None,
@@ -128,55 +161,54 @@ def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_token
     """Apply up to ``max_merges`` merges (or until the batch has at most ``target_tokens`` tokens) in place.
 
     ``excluded``: boolean over the base vocabulary of tokens that never merge (the caller's extra rule).
+    The batch is flattened to one sequence: units are made unique per row, so no pair crosses two texts, and
+    removing merged positions is one boolean selection per step.
     """
-    ids, units = batch.ids, batch.units.clone()
+    b, t = batch.ids.shape
+    alive = batch.ids >= 0
+    rows = torch.arange(b).unsqueeze(1).expand(b, t)[alive]
+    ids = batch.ids[alive]
+    words = batch.word_ids[alive]
+    units = batch.units[alive].clone()
+    span = int(units.max()) + 1 if units.numel() else 1
+    units = torch.where(units >= 0, units + rows * span, units)  # units of different rows never match
     if excluded is not None:
-        bad = (ids >= 0) & (ids < batch.base_vocab)
-        units[bad & excluded[ids.clamp(min=0, max=batch.base_vocab - 1)]] = -1
-    words = batch.word_ids
+        base = ids < batch.base_vocab
+        units[base & excluded[ids.clamp(max=batch.base_vocab - 1)]] = -1
+    bound = batch.base_vocab + (max_merges if max_merges is not None else ids.numel()) + len(batch.pieces) + 1
+    table = torch.zeros(_HASH_SLOTS, dtype=torch.long)  # hashed pair counts, zeroed again after every step
     steps = 0
-    while ids.shape[1] > 1 and (max_merges is None or steps < max_merges):
-        if target_tokens is not None and int((ids >= 0).sum()) <= target_tokens:
+    while ids.numel() > 1 and (max_merges is None or steps < max_merges):
+        if target_tokens is not None and ids.numel() <= target_tokens:
             break
-        left, right = ids[:, :-1], ids[:, 1:]
-        valid = (units[:, :-1] == units[:, 1:]) & (units[:, :-1] >= 0)
-        if not bool(valid.any()):
+        valid = (units[:-1] == units[1:]) & (units[:-1] >= 0)
+        where = valid.nonzero().squeeze(1)  # pair positions, in first-seen order
+        if where.numel() == 0:
             break
-        bound = batch.base_vocab + len(batch.pieces) + 1
-        keys = left * bound + right
-        flat_keys = keys[valid]
-        positions = valid.flatten().nonzero().squeeze(1)  # first-seen order = row-major position
-        uniq, inverse, counts = torch.unique(flat_keys, return_inverse=True, return_counts=True)
-        first = torch.full((uniq.numel(),), positions.numel(), dtype=torch.long)
-        first.scatter_reduce_(0, inverse, torch.arange(positions.numel()), reduce="amin")
-        best_count = counts.max()
-        choice = torch.where(counts == best_count, first, torch.full_like(first, positions.numel())).argmin()
-        key = int(uniq[choice])
+        keys = ids[where] * bound + ids[where + 1]
+        key = _most_frequent(keys, table)
         pair = (key // bound, key % bound)
         new_id = batch.base_vocab + len(batch.pieces)
         batch.pieces.append(batch.token_pieces(pair[0]) + batch.token_pieces(pair[1]))
         batch.merges.append(pair)
-        take = _take_non_overlapping(valid & (keys == key))
+        match = torch.zeros(ids.numel() - 1, dtype=torch.bool)
+        match[where[keys == key]] = True
+        take = _take_non_overlapping(match)
         ids = ids.clone()
-        ids[:, :-1][take] = new_id
-        drop = torch.zeros_like(ids, dtype=torch.bool)
-        drop[:, 1:] = take
-        ids, units, words = _compact(ids, units, words, drop)
+        ids[:-1][take] = new_id
+        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        keep[1:] = ~take
+        ids, units, words, rows = ids[keep], units[keep], words[keep], rows[keep]
         steps += 1
-    batch.ids, batch.units, batch.word_ids = ids, units, words
-    return batch
-
-
-def _compact(ids: torch.Tensor, units: torch.Tensor, words: torch.Tensor, drop: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    keep = ~drop & (ids >= 0)
-    width = int(keep.sum(1).max())
-    target = keep.long().cumsum(1) - 1
-    rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
-    out = [torch.full((ids.shape[0], width), -1, dtype=torch.long) for _ in range(3)]
+    lengths = torch.bincount(rows, minlength=b)
+    width = int(lengths.max()) if b else 0
+    col = torch.arange(rows.numel()) - torch.cumsum(lengths, 0).sub(lengths)[rows]
+    out = [torch.full((b, width), -1, dtype=torch.long) for _ in range(3)]
+    units = torch.where(units >= 0, units - rows * span, units)
     for dst, src in zip(out, (ids, units, words)):
-        dst[rows[keep], target[keep]] = src[keep]
-    return out[0], out[1], out[2]
+        dst[rows, col] = src
+    batch.ids, batch.units, batch.word_ids = out
+    return batch
 
 
 def reduction(batch: DynamicBatch, word_lengths: torch.Tensor | None = None) -> dict[str, float]:
