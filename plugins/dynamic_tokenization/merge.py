@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 MODES = ("pretokens", "word", "word_hyphen", "sentence")
@@ -115,45 +116,43 @@ def encode_batch(tokenizer: Any, texts: list[str], mode: str = "pretokens", max_
     return DynamicBatch(ids, units, words, len(tokenizer), base_lengths=(ids >= 0).sum(1))
 
 
-def _take_non_overlapping(match: torch.Tensor) -> torch.Tensor:
-    """Left-to-right non-overlapping choice among matches at adjacent pair positions: in each run of consecutive
-    matches keep the 1st, 3rd, 5th, ... (bool over the last dimension, in and out)."""
-    n = match.shape[-1]
-    idx = torch.arange(n).expand_as(match)
-    last_gap = torch.where(~match, idx, torch.full_like(idx, -1)).cummax(dim=-1).values
-    return match & ((idx - last_gap - 1) % 2 == 0)
-
-
-_HASH_SLOTS = 1 << 20
+_HASH_SLOTS = 1 << 16
 _HASH_MUL = 0x9E3779B1
 
 
-def _most_frequent(keys: torch.Tensor, table: torch.Tensor) -> int:
+def _most_frequent(keys: np.ndarray) -> int:
     """The most frequent value of ``keys`` (ties: the first occurrence), exactly, without sorting all of them.
 
-    Counts go into a hashed table by scatter-add; a slot's count is >= the exact count of every key in it. The keys
-    in the fullest slot are counted exactly (a small ``unique``); only keys whose slot count reaches that exact
-    maximum can still win, so they are counted exactly too when a collision inflated the first guess.
+    Counts go into a hashed table (``bincount``); a slot's count is >= the exact count of every key in it. The keys
+    in the fullest slot are counted exactly; only keys whose slot count reaches that exact maximum can still win,
+    so they are counted exactly too when a collision inflated the first guess.
     """
     slots = (keys * _HASH_MUL) & (_HASH_SLOTS - 1)
-    table.index_add_(0, slots, torch.ones_like(slots))
-    hashed = table[slots]
-    table[slots] = 0
-    top = hashed.max()
-    best = _exact_best(keys, hashed == top)
-    if best[1] < int(top):  # a collision inflated the fullest slot: widen to every key that can still win
-        best = _exact_best(keys, hashed >= best[1])
-    return best[0]
+    hashed = np.bincount(slots, minlength=_HASH_SLOTS)[slots]
+    top = int(hashed.max())
+    key, count = _exact_best(keys, hashed == top)
+    if count < top:  # a collision inflated the fullest slot: widen to every key that can still win
+        key, count = _exact_best(keys, hashed >= count)
+    return key
 
 
-def _exact_best(keys: torch.Tensor, candidates: torch.Tensor) -> tuple[int, int]:
-    positions = candidates.nonzero().squeeze(1)
-    uniq, inverse, counts = torch.unique(keys[positions], return_inverse=True, return_counts=True)
-    first = torch.full((uniq.numel(),), keys.numel(), dtype=torch.long)
-    first.scatter_reduce_(0, inverse, positions, reduce="amin")
-    count = int(counts.max())
-    choice = int(torch.where(counts == count, first, torch.full_like(first, keys.numel())).argmin())
-    return int(uniq[choice]), count
+def _exact_best(keys: np.ndarray, candidates: np.ndarray) -> tuple[int, int]:
+    positions = np.flatnonzero(candidates)
+    uniq, first, counts = np.unique(keys[positions], return_index=True, return_counts=True)
+    best = counts == counts.max()
+    choice = int(np.argmin(np.where(best, first, keys.size)))  # first occurrence among the most frequent
+    return int(uniq[choice]), int(counts[choice])
+
+
+def _take_non_overlapping(match: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Left-to-right non-overlapping choice among matches at adjacent pair positions: in each run of consecutive
+    matches keep the 1st, 3rd, 5th, ... (bool over the last dimension, in and out)."""
+    as_torch = isinstance(match, torch.Tensor)
+    m = match.numpy() if as_torch else match
+    idx = np.broadcast_to(np.arange(m.shape[-1]), m.shape)
+    last_gap = np.maximum.accumulate(np.where(~m, idx, -1), axis=-1)
+    out = m & ((idx - last_gap - 1) % 2 == 0)
+    return torch.from_numpy(np.ascontiguousarray(out)) if as_torch else out
 
 
 def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_tokens: int | None = None,
@@ -161,53 +160,55 @@ def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_token
     """Apply up to ``max_merges`` merges (or until the batch has at most ``target_tokens`` tokens) in place.
 
     ``excluded``: boolean over the base vocabulary of tokens that never merge (the caller's extra rule).
-    The batch is flattened to one sequence: units are made unique per row, so no pair crosses two texts, and
-    removing merged positions is one boolean selection per step.
+    The batch is flattened to one sequence (NumPy: these are many small array operations, where its per-call cost
+    is a fraction of torch's): units are made unique per row, so no pair crosses two texts, and removing merged
+    positions is one boolean selection per step.
     """
     b, t = batch.ids.shape
-    alive = batch.ids >= 0
-    rows = torch.arange(b).unsqueeze(1).expand(b, t)[alive]
-    ids = batch.ids[alive]
-    words = batch.word_ids[alive]
-    units = batch.units[alive].clone()
-    span = int(units.max()) + 1 if units.numel() else 1
-    units = torch.where(units >= 0, units + rows * span, units)  # units of different rows never match
+    alive = (batch.ids >= 0).numpy()
+    ids = batch.ids.numpy()[alive]
+    units = batch.units.numpy()[alive].copy()
+    origin = np.flatnonzero(alive)  # flat (row, column) of each token's first piece
+    rows = origin // max(t, 1)
+    span = int(units.max()) + 1 if units.size else 1
+    units = np.where(units >= 0, units + rows * span, units)  # units of different rows never match
     if excluded is not None:
+        ex = excluded.numpy()
         base = ids < batch.base_vocab
-        units[base & excluded[ids.clamp(max=batch.base_vocab - 1)]] = -1
-    bound = batch.base_vocab + (max_merges if max_merges is not None else ids.numel()) + len(batch.pieces) + 1
-    table = torch.zeros(_HASH_SLOTS, dtype=torch.long)  # hashed pair counts, zeroed again after every step
+        units[base & ex[np.minimum(ids, batch.base_vocab - 1)]] = -1
+    bound = batch.base_vocab + (max_merges if max_merges is not None else ids.size) + len(batch.pieces) + 1
     steps = 0
-    while ids.numel() > 1 and (max_merges is None or steps < max_merges):
-        if target_tokens is not None and ids.numel() <= target_tokens:
+    while ids.size > 1 and (max_merges is None or steps < max_merges):
+        if target_tokens is not None and ids.size <= target_tokens:
             break
-        valid = (units[:-1] == units[1:]) & (units[:-1] >= 0)
-        where = valid.nonzero().squeeze(1)  # pair positions, in first-seen order
-        if where.numel() == 0:
+        where = np.flatnonzero((units[:-1] == units[1:]) & (units[:-1] >= 0))  # pair positions, first-seen order
+        if where.size == 0:
             break
         keys = ids[where] * bound + ids[where + 1]
-        key = _most_frequent(keys, table)
+        key = _most_frequent(keys)
         pair = (key // bound, key % bound)
         new_id = batch.base_vocab + len(batch.pieces)
         batch.pieces.append(batch.token_pieces(pair[0]) + batch.token_pieces(pair[1]))
         batch.merges.append(pair)
-        match = torch.zeros(ids.numel() - 1, dtype=torch.bool)
+        match = np.zeros(ids.size - 1, dtype=bool)
         match[where[keys == key]] = True
         take = _take_non_overlapping(match)
-        ids = ids.clone()
+        ids = ids.copy()
         ids[:-1][take] = new_id
-        keep = torch.ones(ids.numel(), dtype=torch.bool)
+        keep = np.ones(ids.size, dtype=bool)
         keep[1:] = ~take
-        ids, units, words, rows = ids[keep], units[keep], words[keep], rows[keep]
+        ids, units, origin = ids[keep], units[keep], origin[keep]
         steps += 1
-    lengths = torch.bincount(rows, minlength=b)
+    rows = origin // max(t, 1)
+    units = np.where(units >= 0, units - rows * span, units)
+    lengths = np.bincount(rows, minlength=b)
     width = int(lengths.max()) if b else 0
-    col = torch.arange(rows.numel()) - torch.cumsum(lengths, 0).sub(lengths)[rows]
-    out = [torch.full((b, width), -1, dtype=torch.long) for _ in range(3)]
-    units = torch.where(units >= 0, units - rows * span, units)
+    col = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]
+    words = batch.word_ids.numpy().reshape(-1)[origin]
+    out = [np.full((b, width), -1, dtype=np.int64) for _ in range(3)]
     for dst, src in zip(out, (ids, units, words)):
         dst[rows, col] = src
-    batch.ids, batch.units, batch.word_ids = out
+    batch.ids, batch.units, batch.word_ids = (torch.from_numpy(o) for o in out)
     return batch
 
 

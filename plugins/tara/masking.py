@@ -140,7 +140,7 @@ def cache_cross_kv(unet: Any, state: MaskState) -> None:
 
     The text side of cross-attention is the same tensor at every step of one pipeline call, and so are the masks:
     K and V (base + masked deltas) are computed once and returned again while the input tensor (same object, same
-    in-place version) and the masks are unchanged. Training and anything under autograd bypass the cache.
+    in-place version) and the masks are unchanged. Anything under autograd (training) bypasses the cache.
     """
     for module in cross_attention_layers(unet).values():
         if getattr(module, "_tara_cached", False):
@@ -149,8 +149,8 @@ def cache_cross_kv(unet: Any, state: MaskState) -> None:
         cache: dict[str, Any] = {}
 
         def forward(x: torch.Tensor, *args: Any, _original: Any = original, _cache: dict = cache,
-                    _module: Any = module, **kwargs: Any) -> torch.Tensor:
-            if _module.training or torch.is_grad_enabled():
+                    **kwargs: Any) -> torch.Tensor:
+            if torch.is_grad_enabled():  # training (LoRA layers injected at load time keep training=True)
                 return _original(x, *args, **kwargs)
             if _cache.get("x") is x and _cache["key"] == (x._version, state.version, args, tuple(kwargs)):
                 return _cache["out"]
