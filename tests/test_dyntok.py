@@ -90,3 +90,25 @@ def test_encoder_with_zero_merges_is_the_plain_model():
         merged, mbatch = DynamicEncoder(model, tok, "fvt").embed(texts, merges=5)
     torch.testing.assert_close(dyn, plain, rtol=1e-5, atol=1e-5)
     assert mbatch.lengths.sum() < batch.lengths.sum() and (merged * plain).sum(-1).min() > 0.5
+
+
+def test_ann_generation_matches_exact_greedy_and_cache_changes_nothing():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug_plugins.dynamic_tokenization.decoder import OutputIndex, ann_generate, expand_vocabulary
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://llama")).eval()
+    tok = toy.load_toy_tokenizer()
+    texts = [r["text"] for r in toy.load_toy_dataset("toy://kjv-text", "train").select(range(200))]
+    vocab = expand_vocabulary(model, tok, texts, new_tokens=50)
+    assert len(vocab.pieces) == 50 and vocab.input_rows.shape[0] == len(tok) + 50
+    index = OutputIndex(vocab.output_rows)
+    cached, text = ann_generate(model, tok, "In the beginning", vocab, index, max_new_tokens=12)
+    plain, _ = ann_generate(model, tok, "In the beginning", vocab, index, max_new_tokens=12, use_cache=False)
+    assert cached == plain and isinstance(text, str)
+    # with every candidate scored, ANN greedy is exact greedy over the expanded vocabulary
+    full, _ = ann_generate(model, tok, "In the beginning", vocab, index, max_new_tokens=4, candidates=len(vocab.output_rows))
+    ids = tok("In the beginning", return_tensors="pt")["input_ids"]
+    hidden = model.model(inputs_embeds=vocab.input_rows[ids]).last_hidden_state[:, -1]
+    assert full[0] == int((hidden @ vocab.output_rows.T).argmax())
