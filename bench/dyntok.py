@@ -28,14 +28,13 @@ import argparse
 import json
 import random
 import time
-from pathlib import Path
 
 import torch
 
 from hf_tokplug import toy
 from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder, train_hypernetwork
 from hf_tokplug_plugins.dynamic_tokenization.embeddings import HyperNetwork
-from hf_tokplug_plugins.dynamic_tokenization.merge import encode_batch, merge_batch, reduction, word_level_lengths
+from hf_tokplug_plugins.dynamic_tokenization.merge import encode_batch, merge_batch, word_level_lengths
 
 LEVELS = (0, 5, 10, 20, 50, 100, 200, 400)
 
