@@ -129,3 +129,23 @@ def test_compose_recipe_renders_images(adapters, tmp_path):
                             plugins={"tara": {"compose": [str(adapters[0]), str(adapters[1])]}}, train={})
     assert metrics["images"] == 1 and (tmp_path / "gen" / "samples" / "00.png").is_file()
     assert "TARA composition" in (tmp_path / "gen" / "README.md").read_text()
+
+
+def test_diffusion_lora_checkpoints_and_resumes(tmp_path):
+    train = {"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "per_device_train_batch_size": 2}
+    run_recipe(tmp_path, "r", **SD, plugins={"tara": {"rare_token": "sks", "class_word": "square"}}, train=train)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "r" / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
+    runner, _ = run_recipe(tmp_path, "r", **SD, plugins={"tara": {"rare_token": "sks", "class_word": "square"}},
+                           train={**train, "max_steps": 6, "resume_from_checkpoint": True}, overwrite=True)
+    assert runner.ctx.trainer.state.global_step == 6
+    steps = [r["step"] for r in read_log(tmp_path / "r") if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at 4, nothing repeated
+    # the resumed run loaded the checkpoint's LoRA: reloading it into the trainer's module reproduces those weights
+    module = runner.ctx.trainer.model
+    runner.ctx.trainer._load_from_checkpoint(str(tmp_path / "r" / "checkpoint-4"))
+    now = module.lora_state()
+    assert set(now) == {k[len("unet."):] for k in saved} or set(now) == set(saved)
+    key = next(iter(now))
+    torch.testing.assert_close(now[key], saved.get(key, saved.get(f"unet.{key}")))

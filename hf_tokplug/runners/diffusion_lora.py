@@ -195,8 +195,7 @@ class DiffusionLoRA(Runner):
         dtype = getattr(torch, spec.dtype) if isinstance(spec.dtype, str) and spec.dtype != "auto" else None
         pipe = load_pipeline(spec.name_or_path, dtype=dtype, revision=spec.revision)
         ctx.base_model = spec.name_or_path
-        ctx.tokenizer = ctx.base_tokenizer = pipe.tokenizer
-        ctx.call("tokplug_prepare_tokenizer", tokenizer=pipe.tokenizer)
+        pipe.tokenizer = ctx.prepare_tokenizer(ctx.load_tokenizer(pipe.tokenizer))
         return pipe
 
     def dataset(self, ctx: RunContext, module: LatentDiffusionLoRA) -> list[dict[str, Any]]:
@@ -288,15 +287,18 @@ def _LoRATrainer(base: type) -> type:  # noqa: N802 (a class factory)
             self.accelerator.unwrap_model(self.model).save_pretrained(folder)
 
         def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-            from diffusers import StableDiffusionPipeline
+            from diffusers.utils import convert_unet_state_dict_to_peft
             from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
 
             module = self.accelerator.unwrap_model(model or self.model)
-            state, _ = StableDiffusionPipeline.lora_state_dict(resume_from_checkpoint, return_lora_metadata=True)
+            state = load_file(str(Path(resume_from_checkpoint) / "pytorch_lora_weights.safetensors"))
             unet_state = {k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")}
-            from diffusers.utils import convert_unet_state_dict_to_peft
-
-            set_peft_model_state_dict(module.unet, convert_unet_state_dict_to_peft(unet_state), adapter_name="default")
+            result = set_peft_model_state_dict(module.unet, convert_unet_state_dict_to_peft(unet_state),
+                                               adapter_name="default")
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise RuntimeError(f"checkpoint {resume_from_checkpoint} does not fit this LoRA: {unexpected[:3]}")
 
     return LoRATrainer
 
