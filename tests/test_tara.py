@@ -149,3 +149,29 @@ def test_diffusion_lora_checkpoints_and_resumes(tmp_path):
     assert set(now) == {k[len("unet."):] for k in saved} or set(now) == set(saved)
     key = next(iter(now))
     torch.testing.assert_close(now[key], saved.get(key, saved.get(f"unet.{key}")))
+
+
+def test_prior_preservation_weights_the_class_rows():
+    from hf_tokplug.runners.diffusion_lora import LatentDiffusionLoRA
+
+    pipe = load_pipeline("toy://sd")
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    ids = pipe.tokenizer(["a photo of sks square", "a photo of square"], padding="max_length", max_length=77,
+                         return_tensors="pt")["input_ids"]
+    losses = {}
+    for weight, prior in ((1.0, None), (1.0, [False, True]), (0.25, [False, True])):
+        torch.manual_seed(0)
+        module = LatentDiffusionLoRA(pipe, prior_loss_weight=weight)
+        with torch.no_grad():
+            losses[(weight, prior is None)] = float(module(latents, ids, None if prior is None else torch.tensor(prior))["loss"])
+    plain = losses[(1.0, True)]  # mean of the two rows
+    with_prior, quarter = losses[(1.0, False)], losses[(0.25, False)]
+    assert with_prior == pytest.approx(2 * plain, rel=1e-5)  # instance + 1.0 x prior
+    assert quarter < with_prior
+
+
+def test_prior_preservation_recipe_runs(tmp_path):
+    options = {**SD["task_options"], "class_data_dir": "toy://shapes/blue-circle", "class_prompt": "a photo of square"}
+    runner, metrics = run_recipe(tmp_path, "p", **{**SD, "task_options": options},
+                                 plugins={"tara": {"rare_token": "sks", "class_word": "square"}})
+    assert metrics["train_loss"] > 0
