@@ -247,6 +247,9 @@ class Runner:
         model = ctx.call("tokplug_load_model") or self.load_model(ctx)
         ctx.prepare_model(model, self.recipe.model.pad_to_multiple_of)
         if self.recipe.adapter is not None:
+            from transformers import set_seed
+
+            set_seed(self.recipe.seed)  # LoRA init draws from the global RNG: same recipe, same adapter, any process
             ctx.attach_adapter(self.lora_config())
         ctx.post_model_load()
 

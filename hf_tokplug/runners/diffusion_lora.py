@@ -222,7 +222,10 @@ class DiffusionLoRA(Runner):
 
         from ..training import trainer_class
 
+        from transformers import set_seed
+
         pipe = self.build_pipeline(ctx)
+        set_seed(self.recipe.seed)  # the LoRA init draws from the global RNG: same seed, same adapter, any process
         module = LatentDiffusionLoRA(pipe, self.options.prior_loss_weight)
         module.unet.requires_grad_(False)
         ctx.model = module
