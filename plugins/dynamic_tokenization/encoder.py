@@ -86,7 +86,7 @@ class DynamicEncoder:
 def train_hypernetwork(model: Any, tokenizer: Any, texts: list[str], *, steps: int = 300, batch_size: int = 32,
                        max_merges: int = 200, warmup_steps: int = 50, lr: float = 1e-3, lexical_weight: float = 0.5,
                        mode: str = "pretokens", width: int = 256, layers: int = 2, seed: int = 0,
-                       progress: bool = True) -> tuple[HyperNetwork, list[dict[str, float]]]:
+                       max_length: int = 128, progress: bool = True) -> tuple[HyperNetwork, list[dict[str, float]]]:
     """Train a hypernetwork for ``model`` (frozen) on ``texts`` with random merge levels; returns it and the log."""
     from tqdm.auto import tqdm
 
@@ -108,14 +108,14 @@ def train_hypernetwork(model: Any, tokenizer: Any, texts: list[str], *, steps: i
         if step >= warmup_steps:
             chunk = rng.sample(texts, batch_size)
             with torch.no_grad():
-                target, _ = DynamicEncoder(model, tokenizer, "fvt", mode=mode).embed(chunk, 0)
-            pred, _ = encoder.embed(chunk, rng.randint(1, max_merges), use_cache=False)
+                target, _ = DynamicEncoder(model, tokenizer, "fvt", mode=mode).embed(chunk, 0, max_length)
+            pred, _ = encoder.embed(chunk, rng.randint(1, max_merges), max_length, use_cache=False)
             fidelity = 1 - (pred * target).sum(-1).mean()
             loss = fidelity + lexical_weight * lexical
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-        log.append({"step": step, "loss": float(loss), "fidelity_loss": float(fidelity), "lexical": float(lexical)})
+        log.append({"step": step, "loss": loss.item(), "fidelity_loss": fidelity.item(), "lexical": lexical.item()})
     net.eval()
     return net, log
