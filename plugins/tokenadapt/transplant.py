@@ -131,7 +131,9 @@ class Estimator:
             rows.append(keep.nonzero()[:, 0])
             cols.append(ids[keep])
             vals.append(w[keep])
-        matrix = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (n, v_old))
+        # indices are in range by construction (rows < n, cols < v_old): opt out of the invariant checks explicitly
+        matrix = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(cols)]), torch.cat(vals), (n, v_old),
+                                         check_invariants=False)
         ok = {"local": has_l, "fvt": has_l, "global": has_g, "hybrid": has_l | has_g}[strategy]
         return matrix.coalesce(), ok
 
