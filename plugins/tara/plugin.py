@@ -112,8 +112,8 @@ class TARAPlugin(Plugin):
             self.state.handles.append(model.text_encoder.register_forward_pre_hook(record, with_kwargs=True))
         self.class_variants = word_ids(model.tokenizer, self.config.class_word)
         if self.config.align_weight > 0:
-            for module in cross_attention_layers(model.unet).values():
-                if module is not None and _leaf(model.unet, module) == "to_k":
+            for name, module in cross_attention_layers(model.unet).items():
+                if name.endswith("to_k"):
                     module.register_forward_hook(self._capture_key, with_kwargs=True)
 
     def _capture_key(self, module, args, kwargs, output):
@@ -191,10 +191,3 @@ class TARAPlugin(Plugin):
         if c.compose:
             return ["## TARA composition\n\n" + "\n".join(f"- `{ref}`" for ref in c.compose)]
         return None
-
-
-def _leaf(root: Any, module: Any) -> str:
-    for name, m in root.named_modules():
-        if m is module:
-            return name.rsplit(".", 1)[-1]
-    return ""
