@@ -126,7 +126,7 @@ def main() -> None:
     rng = random.Random(0)
     rng.shuffle(texts)
     train, test = texts[: len(texts) // 2], texts[len(texts) // 2:][:256]
-    cache = toy.cache_root() / "bench-dyntok" / f"hypernet-{args.steps}-{args.batch_size}.pt"
+    cache = toy.cache_root() / "bench-dyntok" / f"hypernet-fvt-residual-{args.steps}-{args.batch_size}.pt"
     if cache.is_file():
         state = torch.load(cache, weights_only=True)
         net = HyperNetwork(model.get_input_embeddings().weight.detach(), model.config.hidden_size, **state["config"])

@@ -112,3 +112,10 @@ def test_ann_generation_matches_exact_greedy_and_cache_changes_nothing():
     ids = tok("In the beginning", return_tensors="pt")["input_ids"]
     hidden = model.model(inputs_embeds=vocab.input_rows[ids]).last_hidden_state[:, -1]
     assert full[0] == int((hidden @ vocab.output_rows.T).argmax())
+
+
+def test_untrained_hypernetwork_is_fvt():
+    table = torch.randn(50, 8)
+    net = HyperNetwork(table, hidden=8, width=16)
+    pieces = [[1, 2, 3], [4]]
+    torch.testing.assert_close(net(torch.tensor([[1, 2, 3], [4, -1, -1]])), fvt_rows(table, pieces))

@@ -4,7 +4,9 @@ The hypernetwork maps a token's base pieces to an embedding: the pieces are embe
 embedding (input and output rows concatenated for decoders with an untied head), projected to width d, passed
 through a projector block ``LayerNorm(GELU(W2 GELU(W1 x)) + x)`` and a small transformer encoder, and the first
 position goes through a projector + Linear back to the model width: one head for input embeddings, another for
-output embeddings. It is initialised and warmed up to reproduce the original rows of single-piece tokens.
+output embeddings. The heads predict a correction to the FVT row (mean of the pieces' rows) and start at zero, so
+an untrained hypernetwork is exactly FVT and training can only move away from it where that helps; a single-piece
+token's FVT row is its original row, which the lexical loss keeps.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class HyperNetwork(nn.Module):
     """Pieces ``(N, P)`` (-1 = padding) -> ``(N, H)`` input embeddings (and output embeddings with ``output_head``).
 
     Args:
-        embeddings: the model's frozen piece table ``(V, E)`` (E = H, or 2H with input and output rows concatenated).
+        embeddings: the model's frozen piece table ``(V, E)`` (E = H, or 2H with input and output rows concatenated:
+            the FVT base of the input head uses the first H columns, the output head's the last H).
         hidden: model width H of the predicted rows.
         width: d, the hypernetwork's width.
         layers, heads: the transformer encoder over the pieces.
@@ -50,9 +53,16 @@ class HyperNetwork(nn.Module):
         block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, batch_first=True,
                                            norm_first=True, activation="gelu")
         self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.heads = nn.ModuleDict({"input": nn.Sequential(Projector(width), nn.Linear(width, hidden))})
+        self.heads = nn.ModuleDict({"input": self._head(width, hidden)})
         if output_head:
-            self.heads["output"] = nn.Sequential(Projector(width), nn.Linear(width, hidden))
+            self.heads["output"] = self._head(width, hidden)
+
+    @staticmethod
+    def _head(width: int, hidden: int) -> nn.Module:
+        head = nn.Sequential(Projector(width), nn.Linear(width, hidden))
+        nn.init.zeros_(head[1].weight)  # start as FVT exactly
+        nn.init.zeros_(head[1].bias)
+        return head
 
     def forward(self, pieces: torch.Tensor, side: str = "input") -> torch.Tensor:
         pieces = pieces[:, : self.max_pieces]
@@ -60,7 +70,12 @@ class HyperNetwork(nn.Module):
         x = self.inp(self.table[pieces.clamp(min=0)])  # (N, P, d)
         x = self.pre(x) + self.position(torch.arange(pieces.shape[1], device=pieces.device))
         x = self.encoder(x, src_key_padding_mask=pad)
-        return self.heads[side](x[:, 0])
+        hidden = self.table.shape[1] // 2 if self.table.shape[1] == 2 * self.hidden else 0
+        rows = self.table[pieces.clamp(min=0)]
+        rows = rows[..., hidden:] if side == "output" and hidden else rows[..., : self.hidden]
+        keep = (~pad).unsqueeze(-1).to(rows.dtype)
+        fvt = (rows * keep).sum(1) / keep.sum(1).clamp(min=1)  # (N, H)
+        return fvt + self.heads[side](x[:, 0])
 
     def config_dict(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "width": self.inp.out_features, "layers": len(self.encoder.layers),
