@@ -14,7 +14,7 @@ from hf_tokplug import Plugin, PluginError, hookimpl, toy
 
 from .config import TokenAdaptConfig
 from .transplant import (
-    ROLES, TransplantReport, build_estimator, check_decodable, fallback_rows, prepare_new_tokenizer, token_surfaces,
+    ROLES, TransplantReport, check_decodable, composed_rows, estimator_for, prepare_new_tokenizer, token_surfaces,
     transplant,
 )
 
@@ -37,6 +37,7 @@ class TokenAdaptPlugin(Plugin):
         super().__init__(name, config)
         self.report: TransplantReport | None = None
         self.scores: dict[str, float] = {}
+        self.texts: list[str] = []  # the held-out texts, loaded once
 
     @property
     def where(self) -> str:
@@ -110,7 +111,7 @@ class TokenAdaptPlugin(Plugin):
     def tokplug_adapt_embeddings(self, ctx, model):
         if not self.swapped(ctx):
             return None
-        texts = self.eval_texts()
+        texts = self.texts = self.eval_texts()
         if texts:
             self.scores["bpb_original"] = self.bpb(model, ctx.base_tokenizer, texts)
         self.report = transplant(model, ctx.base_tokenizer, ctx.tokenizer, self.config)
@@ -173,7 +174,7 @@ class TokenAdaptPlugin(Plugin):
         metrics.update({"shared_raw": r.shared_raw, "shared_surface": r.shared_surface, "shared_special": r.shared_special,
                         "unique_tokens": r.unique, "fallback_input": r.fallback_input})
         if ctx.trainer is not None and "bpb_original" in self.scores and ctx.task == "causal_lm_sft":
-            final = self.bpb(ctx.model, ctx.tokenizer, self.eval_texts())
+            final = self.bpb(ctx.model, ctx.tokenizer, self.texts)  # the texts scored before the transplant
             metrics["bpb_final"] = final
             metrics["bpb_final_ratio"] = final / self.scores["bpb_original"]
         self.scores = {k: v for k, v in metrics.items() if k.startswith("bpb")}
@@ -247,14 +248,10 @@ def _strategy(kind: str):
             embedder = get_embedder(config.embedder)
             phi_old = embedder.embed_cached(old_surf, "old-vocab", progress=False)
             phi_new = embedder.embed(list(request.tokens), progress=False)
-        special = set(tokenizer.added_tokens_decoder)
-        mask = (phi_old.float().norm(dim=1) > 0) & torch.tensor([i not in special for i in range(old_n)])
-        estimator = build_estimator(pieces, torch.tensor([float(len(t)) for t in request.tokens]),
-                                    torch.tensor([float(len(s)) for s in old_surf]), phi_new, phi_old, mask, config)
-        rows, ok = estimator.rows(request.old_rows, kind)
-        if (~ok).any():
-            rows[~ok] = fallback_rows(request.old_rows, int((~ok).sum()), config.fallback,
-                                      torch.Generator().manual_seed(config.seed))
+        estimator = estimator_for(pieces, list(request.tokens), old_surf, phi_new, phi_old,
+                                  set(tokenizer.added_tokens_decoder), config)
+        rows, _ = composed_rows(estimator, request.old_rows, kind, config.fallback,
+                                torch.Generator().manual_seed(config.seed))
         return rows
 
     init.__name__ = f"init_{kind}"

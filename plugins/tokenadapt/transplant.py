@@ -221,6 +221,25 @@ def build_estimator(
     return Estimator(ids, local_w, fvt_w, neighbours, global_w, config.weight, phi_old.shape[0])
 
 
+def estimator_for(pieces: list[list[int]], surfaces: list[str], old_surf: list[str], phi_new: torch.Tensor,
+                  phi_old: torch.Tensor, special_old: set[int], config: TokenAdaptConfig) -> Estimator:
+    """:func:`build_estimator` from strings: lengths from the surfaces; special and empty old tokens are never
+    global neighbours."""
+    neighbour_mask = (phi_old.float().norm(dim=1) > 0) & torch.tensor([i not in special_old for i in range(len(old_surf))])
+    return build_estimator(pieces, torch.tensor([float(len(t)) for t in surfaces]),
+                           torch.tensor([float(len(t)) for t in old_surf]), phi_new, phi_old, neighbour_mask, config)
+
+
+def composed_rows(estimator: Estimator, matrix: torch.Tensor, strategy: str, fallback: str,
+                  generator: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Rows of a composed strategy, tokens without an estimate filled by ``fallback``; and how many fell back."""
+    rows, ok = estimator.rows(matrix, strategy)
+    missing = int((~ok).sum())
+    if missing:
+        rows[~ok] = fallback_rows(matrix, missing, fallback, generator)
+    return rows, missing
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the transplant
 # --------------------------------------------------------------------------------------------------------------
@@ -342,12 +361,8 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
             phi_old, phi_new = torch.zeros(old_n, 1), torch.zeros(report.unique, 1)
         report.seconds["embed"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        special_old = set(old.added_tokens_decoder)
-        neighbour_mask = (phi_old.float().norm(dim=1) > 0) & torch.tensor([i not in special_old for i in range(old_n)])
-        estimator = build_estimator(
-            pieces, torch.tensor([len(new_surf[i]) for i in unique.tolist()], dtype=torch.float),
-            torch.tensor([len(s) for s in old_surf], dtype=torch.float), phi_new, phi_old, neighbour_mask, config,
-        )
+        estimator = estimator_for(pieces, [new_surf[i] for i in unique.tolist()], old_surf, phi_new, phi_old,
+                                  set(old.added_tokens_decoder), config)
         del phi_old, phi_new, pieces  # the estimator keeps only ids and weights
         report.with_local = int(estimator.has_local.sum())
         report.with_global = int(estimator.has_global.sum())
@@ -373,10 +388,7 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
             if strategy in ("mean", "random"):
                 rows = fallback_rows(old_matrix, report.unique, strategy, generator)
             else:
-                rows, ok = estimator.rows(old_matrix, strategy)
-                missing = int((~ok).sum())
-                if missing:
-                    rows[~ok] = fallback_rows(old_matrix, missing, config.fallback, generator)
+                rows, missing = composed_rows(estimator, old_matrix, strategy, config.fallback, generator)
             weight[unique] = rows.to(weight.dtype)
         if rows_needed > len(new):  # padding rows: never produced by the tokenizer
             weight[len(new):] = fallback_rows(old_matrix, rows_needed - len(new), "normal", generator).to(weight.dtype)
