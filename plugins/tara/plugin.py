@@ -101,15 +101,9 @@ class TARAPlugin(Plugin):
         if not self.training or not hasattr(model, "unet"):
             return
         self.rare_variants = word_ids(model.tokenizer, self.config.rare_token)
-        if self.config.mask:
-            self.state = install(model.unet, model.text_encoder, model.tokenizer, {"default": self.config.rare_token})
-        else:  # plain LoRA; the prompt ids are still recorded for the alignment loss
-            self.state = MaskState()
-
-            def record(_m, args, kwargs):
-                self.state.input_ids = kwargs.get("input_ids", args[0] if args else None)
-
-            self.state.handles.append(model.text_encoder.register_forward_pre_hook(record, with_kwargs=True))
+        # mask off: plain LoRA, no concept is masked, but the prompt ids are still recorded for the alignment loss
+        concepts = {"default": self.config.rare_token} if self.config.mask else {}
+        self.state = install(model.unet, model.text_encoder, model.tokenizer, concepts)
         self.class_variants = word_ids(model.tokenizer, self.config.class_word)
         if self.config.align_weight > 0:
             for name, module in cross_attention_layers(model.unet).items():
