@@ -96,6 +96,7 @@ def train_hypernetwork(model: Any, tokenizer: Any, texts: list[str], *, steps: i
     table = model.get_input_embeddings().weight.detach()
     net = HyperNetwork(table, table.shape[1], width=width, layers=layers)
     encoder = DynamicEncoder(model, tokenizer, "hypernet", net, mode)
+    teacher = DynamicEncoder(model, tokenizer, "fvt", mode=mode)  # at 0 merges: the original tokenization
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     specials = set(tokenizer.all_special_ids)
@@ -108,7 +109,7 @@ def train_hypernetwork(model: Any, tokenizer: Any, texts: list[str], *, steps: i
         if step >= warmup_steps:
             chunk = rng.sample(texts, batch_size)
             with torch.no_grad():
-                target, _ = DynamicEncoder(model, tokenizer, "fvt", mode=mode).embed(chunk, 0, max_length)
+                target, _ = teacher.embed(chunk, 0, max_length)
             pred, _ = encoder.embed(chunk, rng.randint(1, max_merges), max_length, use_cache=False)
             fidelity = 1 - (pred * target).sum(-1).mean()
             loss = fidelity + lexical_weight * lexical
