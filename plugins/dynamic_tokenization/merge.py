@@ -39,6 +39,8 @@ class DynamicBatch:
         pieces: base-vocabulary ids of each dynamic token: ``pieces[i]`` for id ``base_vocab + i``.
         merges: the merged pairs, in order.
         base_lengths: tokens per text before merging (specials included).
+        positions: ``(B, T)`` the column, in the unmerged batch, of every token's first piece (-1 for padding):
+            gathers per-position inputs such as ``token_type_ids`` onto the merged sequence.
     """
 
     ids: torch.Tensor
@@ -48,6 +50,7 @@ class DynamicBatch:
     pieces: list[list[int]] = field(default_factory=list)
     merges: list[tuple[int, int]] = field(default_factory=list)
     base_lengths: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -113,7 +116,37 @@ def encode_batch(tokenizer: Any, texts: list[str], mode: str = "pretokens", max_
         u = units_for(encoding, texts[i], mode, enc["special_tokens_mask"][i])
         units[i, : len(row)] = torch.tensor(u)
         words[i, : len(row)] = torch.tensor([-1 if w is None else w for w in encoding.word_ids])
-    return DynamicBatch(ids, units, words, len(tokenizer), base_lengths=(ids >= 0).sum(1))
+    return _batch(ids, units, words, len(tokenizer))
+
+
+def _batch(ids: torch.Tensor, units: torch.Tensor, words: torch.Tensor, base_vocab: int) -> DynamicBatch:
+    alive = ids >= 0
+    positions = torch.where(alive, torch.arange(ids.shape[1]).expand_as(ids), -1)
+    return DynamicBatch(ids, units, words, base_vocab, base_lengths=alive.sum(1), positions=positions)
+
+
+def encode_ids(tokenizer: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               mode: str = "pretokens", base_vocab: int | None = None) -> DynamicBatch:
+    """A batch from token ids that are already there (a model's ``input_ids``): each row is decoded and encoded
+    again with offsets to find its units. A row whose ids do not come back identical (its units cannot be trusted)
+    gets no units: it stays unmerged. Padding (``attention_mask`` 0) becomes -1; rows keep their columns."""
+    ids = ids.detach().cpu().long()
+    alive = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    rows = [row[keep].tolist() for row, keep in zip(ids, alive)]
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, return_special_tokens_mask=True)
+    specials = set(tokenizer.all_special_ids)
+    out_ids = torch.where(alive, ids, -1)
+    units, words = torch.full_like(ids, -1), torch.full_like(ids, -1)
+    for i, row in enumerate(rows):
+        again = enc["input_ids"][i]
+        if again != row:
+            continue  # not reproducible from its text: leave the row as it is
+        cols = torch.nonzero(alive[i]).squeeze(1)
+        special = [1 if t in specials else m for t, m in zip(row, enc["special_tokens_mask"][i])]
+        units[i, cols] = torch.tensor(units_for(enc.encodings[i], texts[i], mode, special), dtype=torch.long)
+        words[i, cols] = torch.tensor([-1 if w is None else w for w in enc.encodings[i].word_ids], dtype=torch.long)
+    return _batch(out_ids, units, words, base_vocab or len(tokenizer))
 
 
 _HASH_SLOTS = 1 << 16
@@ -205,10 +238,12 @@ def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_token
     width = int(lengths.max()) if b else 0
     col = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]
     words = batch.word_ids.numpy().reshape(-1)[origin]
-    out = [np.full((b, width), -1, dtype=np.int64) for _ in range(3)]
-    for dst, src in zip(out, (ids, units, words)):
+    positions = (batch.positions if batch.positions is not None else torch.arange(t).expand(b, t)).numpy()
+    positions = positions.reshape(-1)[origin]
+    out = [np.full((b, width), -1, dtype=np.int64) for _ in range(4)]
+    for dst, src in zip(out, (ids, units, words, positions)):
         dst[rows, col] = src
-    batch.ids, batch.units, batch.word_ids = (torch.from_numpy(o) for o in out)
+    batch.ids, batch.units, batch.word_ids, batch.positions = (torch.from_numpy(o) for o in out)
     return batch
 
 

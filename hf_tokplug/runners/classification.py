@@ -1,0 +1,167 @@
+"""``sequence_classification``: fine-tune an encoder (or any model with a sequence-classification head) on labelled
+text with transformers' Trainer; LoRA or full. Accuracy on ``data.eval``.
+
+Data: a text column (``data.text_field``, default ``text``), an optional second text (``task_options.text_pair_field``,
+e.g. the hypothesis of an NLI pair) and a label column (``task_options.label_field``): integers or strings. The
+label set comes from the training split (sorted), is stored in the model config (``id2label``) and in the manifest,
+so an adapter folder restores onto a base with the right head.
+
+    tokplug run recipes/dyntok_encoder.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..context import RunContext
+from ..errors import RecipeError
+from .base import Runner, jsonable
+
+
+class ClassificationOptions(BaseModel):
+    """``task_options`` of sequence_classification.
+
+    Args:
+        label_field: column with the class of each example (int or string).
+        text_pair_field: column with a second text encoded as a pair with the first (``None``: single texts).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    label_field: str = "label"
+    text_pair_field: str | None = None
+
+
+class SequenceClassification(Runner):
+    task = "sequence_classification"
+    description = "Sequence classification (AutoModelForSequenceClassification) on Trainer: text (+ pair) -> label; LoRA or full."
+    auto_class = "AutoModelForSequenceClassification"
+    model_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
+    options_class = ClassificationOptions
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.labels: list[Any] = []
+
+    def lora_config(self) -> Any:
+        config = super().lora_config()
+        config.task_type = "SEQ_CLS"  # PEFT then keeps the new classification head trainable and saved
+        return config
+
+    def load_model(self, ctx: RunContext) -> Any:
+        from transformers import AutoModelForSequenceClassification, set_seed
+
+        from .. import toy
+
+        spec = self.recipe.model
+        set_seed(self.recipe.seed)  # the new head's initialisation: same recipe, same head
+        return AutoModelForSequenceClassification.from_pretrained(
+            toy.resolve(spec.name_or_path), dtype=spec.dtype, revision=spec.revision,
+            trust_remote_code=spec.trust_remote_code, **label_kwargs(self.labels), **spec.kwargs,
+        )
+
+    def build_objects(self, ctx: RunContext) -> None:
+        super().build_objects(ctx)
+        tokenizer, config = ctx.tokenizer, ctx.model.config
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+
+    def read_data(self) -> tuple[Any, Any]:
+        from ..data import load_data
+
+        train, evald = load_data(self.recipe.data, self.recipe.seed)
+        opts = self.options
+        for split, ds in (("train", train), ("eval", evald)):
+            if ds is None:
+                continue
+            for column in (self.recipe.data.text_field, opts.label_field, opts.text_pair_field):
+                if column is not None and column not in ds.column_names:
+                    raise RecipeError(
+                        f"the {split} data has no column {column!r} (columns: {ds.column_names})",
+                        where=f"{self.source}: data.text_field / task_options",
+                        fix="name the text column with data.text_field and the label column with task_options.label_field",
+                    )
+        self.labels = sorted(set(train[opts.label_field]))
+        unknown = sorted(set(evald[opts.label_field]) - set(self.labels), key=str) if evald is not None else []
+        if unknown:
+            raise RecipeError(f"eval labels {unknown[:5]} do not occur in the training data",
+                              where=f"{self.source}: data.eval", fix="evaluate on the labels the model is trained on")
+        return train, evald
+
+    def tokenize(self, ctx: RunContext, dataset: Any) -> Any:
+        opts, data = self.options, self.recipe.data
+        index = {label: i for i, label in enumerate(self.labels)}
+
+        def encode(batch: dict[str, list]) -> dict[str, Any]:
+            pair = batch[opts.text_pair_field] if opts.text_pair_field else None
+            out = ctx.tokenizer(batch[data.text_field], pair, truncation=data.max_length is not None,
+                                max_length=data.max_length)
+            out["labels"] = [index[x] for x in batch[opts.label_field]]
+            return out
+
+        return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing",
+                           load_from_cache_file=False, keep_in_memory=True)
+
+    def execute(self, ctx: RunContext) -> dict[str, Any]:
+        import numpy as np
+        from transformers import DataCollatorWithPadding, Trainer
+
+        from ..training import trainer_class
+
+        train, evald = self.read_data()
+        self.build_objects(ctx)
+        train = ctx.prepare_dataset(self.tokenize(ctx, train), "train")
+        if evald is not None:
+            evald = ctx.prepare_dataset(self.tokenize(ctx, evald), "eval")
+
+        def accuracy(pred: Any) -> dict[str, float]:
+            logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+            return {"accuracy": float((np.argmax(logits, -1) == pred.label_ids).mean())}
+
+        collator = ctx.wrap_collator(DataCollatorWithPadding(ctx.tokenizer))
+        trainer = trainer_class(Trainer)(
+            model=ctx.model, args=self.trainer_arguments(ctx), data_collator=collator, train_dataset=train,
+            eval_dataset=evald, processing_class=ctx.tokenizer, callbacks=ctx.callbacks(), compute_metrics=accuracy,
+        )
+        trainer.tokplug_ctx = ctx
+        ctx.set_trainer(trainer)
+        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
+        ctx.call("tokplug_post_train", model=ctx.model)
+        metrics: dict[str, Any] = dict(result.metrics)
+        if evald is not None:
+            metrics.update(trainer.evaluate())
+        metrics.update(ctx.call("tokplug_evaluate"))
+        return jsonable(metrics)
+
+    @classmethod
+    def manifest_extras(cls, ctx: RunContext) -> dict[str, Any]:
+        model = ctx.model.get_base_model() if hasattr(ctx.model, "get_base_model") else ctx.model
+        return {"id2label": {str(k): v for k, v in model.config.id2label.items()}}
+
+    @classmethod
+    def load_pretrained(cls, ctx: RunContext, folder: Any, manifest: dict[str, Any]) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from .. import toy
+
+        if not (folder / "adapter_config.json").is_file():
+            return super().load_pretrained(ctx, folder, manifest)
+        from peft import PeftModel
+
+        labels = [v for _, v in sorted((int(k), v) for k, v in manifest["task_state"]["id2label"].items())]
+        ctx.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        base = AutoModelForSequenceClassification.from_pretrained(toy.resolve(manifest["base_model"]), **label_kwargs(labels))
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = ctx.tokenizer.pad_token_id
+        rows = manifest.get("embedding_rows")
+        if rows and base.get_input_embeddings().weight.shape[0] != rows:
+            base.resize_token_embeddings(rows, mean_resizing=False)
+        ctx.model = PeftModel.from_pretrained(base, str(folder))
+
+
+def label_kwargs(labels: list[Any]) -> dict[str, Any]:
+    names = [str(x) for x in labels]
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
