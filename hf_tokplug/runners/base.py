@@ -99,7 +99,7 @@ class Runner:
 
         try:
             return AutoConfig.from_pretrained(
-                spec.name_or_path, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                toy.resolve(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                 local_files_only=offline,
             )
         except Exception as exc:
@@ -191,7 +191,7 @@ class Runner:
         location = spec.tokenizer or spec.name_or_path
         if toy.is_toy(location):
             return toy.load_tokenizer(location)
-        return AutoTokenizer.from_pretrained(location, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+        return AutoTokenizer.from_pretrained(toy.resolve(location), revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
     def load_model(self, ctx: RunContext) -> Any:
         import transformers

