@@ -249,7 +249,7 @@ def test_hypernet_task_trains_saves_and_plugs_in(tmp_path, model):
                             data={"train": "toy://kjv-text", "max_samples": 80}, task_options=options)
     objective = "lm" if model == "toy://llama" else "distill"
     assert metrics["objective"] == objective
-    assert (f"lm_loss_hypernet@5" if objective == "lm" else "fidelity_hypernet@5") in metrics
+    assert ("lm_loss_hypernet@5" if objective == "lm" else "fidelity_hypernet@5") in metrics
     folder = tmp_path / "hn"
     assert (folder / "hypernet.safetensors").is_file() and not list(folder.glob("*.bin"))
     restored = hf_tokplug.from_pretrained(folder)
