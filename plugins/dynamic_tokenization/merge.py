@@ -204,36 +204,37 @@ def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_token
     origin = np.flatnonzero(alive)  # flat (row, column) of each token's first piece
     rows = origin // max(t, 1)
     span = int(units.max()) + 1 if units.size else 1
-    units = np.where(units >= 0, units + rows * span, units)  # units of different rows never match
     if excluded is not None:
         ex = excluded.numpy()
         base = ids < batch.base_vocab
         units[base & ex[np.minimum(ids, batch.base_vocab - 1)]] = -1
+    fixed = units < 0
+    units = np.where(fixed, -1 - np.arange(units.size), units + rows * span)  # unique per row; -k: never pairs
     bound = batch.base_vocab + (max_merges if max_merges is not None else ids.size) + len(batch.pieces) + 1
     steps = 0
     while ids.size > 1 and (max_merges is None or steps < max_merges):
         if target_tokens is not None and ids.size <= target_tokens:
             break
-        where = np.flatnonzero((units[:-1] == units[1:]) & (units[:-1] >= 0))  # pair positions, first-seen order
-        if where.size == 0:
+        valid = units[:-1] == units[1:]  # (N-1,) pair positions inside one unit
+        pair_keys = ids[:-1] * bound + ids[1:]
+        keys = pair_keys[valid]  # valid pairs in first-seen order
+        if keys.size == 0:
             break
-        keys = ids[where] * bound + ids[where + 1]
         key = _most_frequent(keys)
         pair = (key // bound, key % bound)
         new_id = batch.base_vocab + len(batch.pieces)
         batch.pieces.append(batch.token_pieces(pair[0]) + batch.token_pieces(pair[1]))
         batch.merges.append(pair)
-        match = np.zeros(ids.size - 1, dtype=bool)
-        match[where[keys == key]] = True
-        take = _take_non_overlapping(match)
-        ids = ids.copy()
-        ids[:-1][take] = new_id
+        match = (pair_keys == key) & valid
+        if pair[0] == pair[1] and (match[1:] & match[:-1]).any():  # only (x, x) pairs can overlap (x x x)
+            match = _take_non_overlapping(match)
+        ids[:-1][match] = new_id  # ids is this function's own array (a selection, never the caller's)
         keep = np.ones(ids.size, dtype=bool)
-        keep[1:] = ~take
+        keep[1:] = ~match
         ids, units, origin = ids[keep], units[keep], origin[keep]
         steps += 1
     rows = origin // max(t, 1)
-    units = np.where(units >= 0, units - rows * span, units)
+    units = np.where(units >= 0, units - rows * span, -1)
     lengths = np.bincount(rows, minlength=b)
     width = int(lengths.max()) if b else 0
     col = np.arange(rows.size) - (np.cumsum(lengths) - lengths)[rows]
