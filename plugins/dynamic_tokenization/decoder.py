@@ -64,7 +64,7 @@ class OutputIndex:
     def __init__(self, output_rows: torch.Tensor, neighbours: int = 32, ef_search: int = 128):
         import faiss
 
-        self.rows = output_rows.float()
+        self.rows = output_rows.detach().float().cpu()  # faiss searches on the CPU; rescoring happens beside it
         vectors = torch.nn.functional.normalize(self.rows, dim=-1).numpy()
         self.index = faiss.IndexHNSWFlat(vectors.shape[1], neighbours, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efSearch = ef_search
@@ -95,15 +95,15 @@ def ann_generate(model: Any, tokenizer: Any, prompt: str, vocab: ExpandedVocabul
     ids = batch.ids[0][batch.ids[0] >= 0].tolist()
     rows = [vocab.input_rows[i] if i < vocab.base_vocab else
             fvt_rows(vocab.input_rows[: vocab.base_vocab], [batch.pieces[i - batch.base_vocab]])[0] for i in ids]
-    embeds = torch.stack(rows).unsqueeze(0)
     backbone = _backbone(model)
     device = next(model.parameters()).device
-    out = backbone(inputs_embeds=embeds.to(device), use_cache=use_cache)
+    embeds = torch.stack(rows).unsqueeze(0).to(device)  # (1, T, H)
+    out = backbone(inputs_embeds=embeds, use_cache=use_cache)
     past = out.past_key_values if use_cache else None
     generated: list[int] = []
     eos = tokenizer.eos_token_id if stop_at_eos else None
     for _ in range(max_new_tokens):
-        token = int(index.best(out.last_hidden_state[:, -1].cpu(), candidates)[0])
+        token = int(index.best(out.last_hidden_state[:, -1].float().cpu(), candidates)[0])
         generated.append(token)
         if token == eos:
             break
@@ -112,8 +112,8 @@ def ann_generate(model: Any, tokenizer: Any, prompt: str, vocab: ExpandedVocabul
             out = backbone(inputs_embeds=step, past_key_values=past, use_cache=True)
             past = out.past_key_values
         else:
-            embeds = torch.cat([embeds, step.cpu()], dim=1)
-            out = backbone(inputs_embeds=embeds.to(device), use_cache=False)
+            embeds = torch.cat([embeds, step], dim=1)
+            out = backbone(inputs_embeds=embeds, use_cache=False)
     return generated, vocab.decode(tokenizer, generated)
 
 

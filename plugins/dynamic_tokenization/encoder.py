@@ -95,7 +95,7 @@ class BackboneHook:
 
         self.encoder, self.level = encoder, level
         self.signature = inspect.signature(backbone.forward)
-        self.tokens_in = self.tokens_out = 0
+        self.tokens_in = self.tokens_out = 0  # totals over every merged call
         self.on_batch: Any = None  # (training, tokens before, tokens after) -> None, e.g. a logger
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -128,8 +128,3 @@ class BackboneHook:
                 inputs[key] = taken * (positions >= 0)
         return (), inputs
 
-    def length_reduction(self, reset: bool = False) -> float | None:
-        value = 1 - self.tokens_out / self.tokens_in if self.tokens_in else None
-        if reset:
-            self.tokens_in = self.tokens_out = 0
-        return value
