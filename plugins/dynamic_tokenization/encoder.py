@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .embeddings import EmbeddingCache, HyperNetwork, fvt_rows, pad_pieces
-from .merge import DynamicBatch, encode_batch, encode_ids, merge_batch
+from .merge import DynamicBatch, encode_batch, encode_ids, merge_batch, word_level_lengths
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class BackboneHook:
         self.encoder, self.level = encoder, level
         self.signature = inspect.signature(backbone.forward)
         self.tokens_in = self.tokens_out = 0  # totals over every merged call
-        self.on_batch: Any = None  # (training, tokens before, tokens after) -> None, e.g. a logger
+        self.on_batch: Any = None  # (training, tokens before, after, at the word floor) -> None, e.g. a logger
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         bound = self.signature.bind_partial(*args, **kwargs).arguments
@@ -110,11 +110,12 @@ class BackboneHook:
             return None  # incremental decoding: positions are the caller's; prefill with dynamic tokens explicitly
         mask = inputs.get("attention_mask")
         batch = encode_ids(self.encoder.tokenizer, ids, mask, self.encoder.mode)
+        floor = int(word_level_lengths(batch).sum()) if self.on_batch is not None else 0
         batch = merge_batch(batch, max_merges=merges)
         before, after = int(batch.base_lengths.sum()), int(batch.lengths.sum())
         self.tokens_in, self.tokens_out = self.tokens_in + before, self.tokens_out + after
         if self.on_batch is not None:
-            self.on_batch(module.training, before, after)
+            self.on_batch(module.training, before, after, floor)
         device = ids.device
         inputs["inputs_embeds"] = self.encoder.inputs_embeds(batch, use_cache=True)
         inputs["input_ids"] = None

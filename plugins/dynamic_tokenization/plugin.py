@@ -115,9 +115,13 @@ class DynamicTokenizationPlugin(Plugin):
         if base.get_output_embeddings() is not None or not self.config.active:
             return  # a decoder keeps its ids path (see the module docstring); merges 0 installs nothing
         self.hook = BackboneHook(self.encoder, backbone, self.level)
-        self.hook.on_batch = lambda training, before, after: ctx.log(
-            f"{self.name}/length_reduction", 1 - after / max(before, 1), "train" if training else "eval")
+        self.hook.on_batch = lambda training, before, after, floor: self.log(ctx, training, before, after, floor)
         self.handle = backbone.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def log(self, ctx: Any, training: bool, before: int, after: int, floor: int) -> None:
+        split = "train" if training else "eval"
+        ctx.log(f"{self.name}/length_reduction", 1 - after / max(before, 1), split)
+        ctx.log(f"{self.name}/reduction_pct", 100 * (before - after) / max(before - floor, 1), split)
 
     @hookimpl
     def tokplug_post_model_load(self, ctx, model):
