@@ -200,11 +200,16 @@ class Runner:
         kwargs = dict(spec.kwargs)
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
+        kwargs.update(self.model_kwargs())
         auto = getattr(transformers, self.auto_class)
         return auto.from_pretrained(
             toy.resolve(spec.name_or_path), dtype=spec.dtype, revision=spec.revision,
             trust_remote_code=spec.trust_remote_code, **kwargs,
         )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """Extra ``from_pretrained`` arguments the task needs (e.g. a classifier's labels)."""
+        return {}
 
     def lora_config(self) -> Any:
         from peft import LoraConfig
@@ -259,6 +264,11 @@ class Runner:
         return {}
 
     @classmethod
+    def pretrained_model_kwargs(cls, manifest: dict[str, Any]) -> dict[str, Any]:
+        """``from_pretrained`` arguments for the base model under a saved adapter, from the manifest."""
+        return {}
+
+    @classmethod
     def pretrained_auto_class(cls, location: str) -> str:
         """The Auto class that loads the saved model at ``location`` (tasks whose model class varies override it)."""
         return cls.auto_class
@@ -276,7 +286,7 @@ class Runner:
         if adapter:
             from peft import PeftModel
 
-            base = auto.from_pretrained(weights)
+            base = auto.from_pretrained(weights, **cls.pretrained_model_kwargs(manifest))
             current = base.get_input_embeddings().weight.shape[0]
             rows = manifest.get("embedding_rows") or max(current, len(ctx.tokenizer))
             if current != rows:
@@ -362,6 +372,16 @@ class Runner:
 
     def execute(self, ctx: RunContext) -> dict[str, Any]:
         raise NotImplementedError
+
+    def train_and_evaluate(self, ctx: RunContext, trainer: Any, evald: Any) -> dict[str, Any]:
+        """Train (resuming when asked), fire ``tokplug_post_train``, evaluate on ``evald`` and the plugins' metrics."""
+        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
+        ctx.call("tokplug_post_train", model=ctx.model)
+        metrics: dict[str, Any] = dict(result.metrics)
+        if evald is not None:
+            metrics.update(trainer.evaluate())
+        metrics.update(ctx.call("tokplug_evaluate"))
+        return jsonable(metrics)
 
 
 def _has_accelerator() -> bool:

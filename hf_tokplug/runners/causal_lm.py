@@ -78,13 +78,7 @@ class CausalLMSFT(Runner):
         self.build_objects(ctx)
         train, evald = self.datasets(ctx)
         trainer = self.make_trainer(ctx, train, evald)
-        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
-        ctx.call("tokplug_post_train", model=ctx.model)
-        metrics: dict[str, Any] = dict(result.metrics)
-        if evald is not None:
-            metrics.update(trainer.evaluate())
-        metrics.update(ctx.call("tokplug_evaluate"))
-        return jsonable(metrics)
+        return self.train_and_evaluate(ctx, trainer, evald)
 
 
 class CausalLMPrepare(CausalLMSFT):

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..context import RunContext
 from ..errors import RecipeError
-from .base import Runner, jsonable
+from .base import Runner
 
 
 class ClassificationOptions(BaseModel):
@@ -50,16 +50,13 @@ class SequenceClassification(Runner):
         return config
 
     def load_model(self, ctx: RunContext) -> Any:
-        from transformers import AutoModelForSequenceClassification, set_seed
+        from transformers import set_seed
 
-        from .. import toy
-
-        spec = self.recipe.model
         set_seed(self.recipe.seed)  # the new head's initialisation: same recipe, same head
-        return AutoModelForSequenceClassification.from_pretrained(
-            toy.resolve(spec.name_or_path), dtype=spec.dtype, revision=spec.revision,
-            trust_remote_code=spec.trust_remote_code, **label_kwargs(self.labels), **spec.kwargs,
-        )
+        return super().load_model(ctx)
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return label_kwargs(self.labels)
 
     def build_objects(self, ctx: RunContext) -> None:
         super().build_objects(ctx)
@@ -128,13 +125,7 @@ class SequenceClassification(Runner):
         )
         trainer.tokplug_ctx = ctx
         ctx.set_trainer(trainer)
-        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
-        ctx.call("tokplug_post_train", model=ctx.model)
-        metrics: dict[str, Any] = dict(result.metrics)
-        if evald is not None:
-            metrics.update(trainer.evaluate())
-        metrics.update(ctx.call("tokplug_evaluate"))
-        return jsonable(metrics)
+        return self.train_and_evaluate(ctx, trainer, evald)
 
     @classmethod
     def manifest_extras(cls, ctx: RunContext) -> dict[str, Any]:
@@ -142,24 +133,9 @@ class SequenceClassification(Runner):
         return {"id2label": {str(k): v for k, v in model.config.id2label.items()}}
 
     @classmethod
-    def load_pretrained(cls, ctx: RunContext, folder: Any, manifest: dict[str, Any]) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from .. import toy
-
-        if not (folder / "adapter_config.json").is_file():
-            return super().load_pretrained(ctx, folder, manifest)
-        from peft import PeftModel
-
-        labels = [v for _, v in sorted((int(k), v) for k, v in manifest["task_state"]["id2label"].items())]
-        ctx.tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        base = AutoModelForSequenceClassification.from_pretrained(toy.resolve(manifest["base_model"]), **label_kwargs(labels))
-        if base.config.pad_token_id is None:
-            base.config.pad_token_id = ctx.tokenizer.pad_token_id
-        rows = manifest.get("embedding_rows")
-        if rows and base.get_input_embeddings().weight.shape[0] != rows:
-            base.resize_token_embeddings(rows, mean_resizing=False)
-        ctx.model = PeftModel.from_pretrained(base, str(folder))
+    def pretrained_model_kwargs(cls, manifest: dict[str, Any]) -> dict[str, Any]:
+        id2label = manifest["task_state"]["id2label"]
+        return label_kwargs([id2label[k] for k in sorted(id2label, key=int)])
 
 
 def label_kwargs(labels: list[Any]) -> dict[str, Any]:
