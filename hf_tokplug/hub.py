@@ -195,6 +195,21 @@ def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = N
     return ctx
 
 
+def local_folder(location: str, *, what: str, where: str, fix: str, allow_patterns: list[str] | None = None) -> Path:
+    """``location`` as a local folder: itself when it is one, else a Hub repo downloaded into the cache (only
+    ``allow_patterns``). A failure is a :class:`PluginError` naming ``what`` (e.g. ``heads_path``), ``where`` and ``fix``."""
+    path = Path(location).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(location, allow_patterns=allow_patterns))
+    except Exception as exc:  # not a folder here, and not a Hub repo we can reach
+        raise PluginError(f"{what} {location!r} is not a local folder, and fetching it from the Hub failed: {exc}",
+                          where=where, fix=fix) from None
+
+
 def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: str | None = None, token: str | None = None) -> str:
     """Upload a saved run folder (checkpoints, locks and run_info.json excluded); returns the commit URL."""
     from huggingface_hub import HfApi

@@ -198,6 +198,11 @@ def test_bad_combinations_fail_before_loading(recipe_file):
                       model={"name_or_path": "toy://bert"}, data={"train": "toy://kjv-books"})
     with pytest.raises(TokPlugError, match="hypernet_path"):
         runner_for(str(bad), []).validate()
+    missing = recipe_file(plugins={"dynamic_tokenization": {"embedding": "hypernet", "hypernet_path": "no/such-folder"}},
+                          task="sequence_classification", model={"name_or_path": "toy://bert"},
+                          data={"train": "toy://kjv-books"})
+    with pytest.raises(TokPlugError, match="not a local folder"):  # offline in tests: the Hub is unreachable
+        runner_for(str(missing), []).validate()
 
 
 def test_lm_loss_at_zero_merges_is_the_models_own_loss():

@@ -12,6 +12,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from hf_tokplug import Plugin, PluginError, TokenLoss, hookimpl
+from hf_tokplug.hub import local_folder
 
 from .config import CAFTConfig
 from .heads import CAFTHeads, build_heads, head_losses
@@ -41,18 +42,8 @@ STAGE_A_FIX = "run Stage A first (e.g. tokplug run recipes/caft_heads.yaml) and 
 
 
 def _resolve_heads_dir(location: str) -> Path:
-    path = Path(location).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(location, allow_patterns=[HEADS_FILE, META_FILE]))
-    except Exception as exc:  # not a folder here, and not a Hub repo we can reach
-        raise PluginError(
-            f"heads_path {location!r} is not a local folder, and fetching it from the Hub failed: {exc}",
-            where="plugins.caft.heads_path", fix=STAGE_A_FIX,
-        ) from None
+    return local_folder(location, what="heads_path", where="plugins.caft.heads_path", fix=STAGE_A_FIX,
+                        allow_patterns=[HEADS_FILE, META_FILE])
 
 
 class CAFTPlugin(Plugin):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_tokplug import Plugin, PluginError, hookimpl
+from hf_tokplug.hub import local_folder
 
 from .config import DynamicTokenizationConfig
 from .embeddings import HYPERNET_FILE, HYPERNET_META, load_hypernet, save_hypernet
@@ -27,15 +28,8 @@ HYPERNET_FIX = "train one with `tokplug run recipes/dyntok_hypernet.yaml` and se
 
 def resolve_hypernet(location: str, where: str) -> Path:
     """A local folder holding the hypernetwork, or a Hub repo fetched into the cache."""
-    path = Path(location).expanduser()
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(location, allow_patterns=[HYPERNET_FILE, HYPERNET_META]))
-        except Exception as exc:  # not a folder here, and not a Hub repo we can reach
-            raise PluginError(f"hypernet_path {location!r} is not a local folder, and fetching it from the Hub failed: "
-                              f"{exc}", where=where, fix=HYPERNET_FIX) from None
+    path = local_folder(location, what="hypernet_path", where=where, fix=HYPERNET_FIX,
+                        allow_patterns=[HYPERNET_FILE, HYPERNET_META])
     if not (path / HYPERNET_FILE).is_file() or not (path / HYPERNET_META).is_file():
         raise PluginError(f"{path} has no {HYPERNET_FILE} + {HYPERNET_META}", where=where, fix=HYPERNET_FIX)
     return path
@@ -65,6 +59,7 @@ class DynamicTokenizationPlugin(Plugin):
         self.encoder: DynamicEncoder | None = None
         self.hook: BackboneHook | None = None
         self.handle: Any = None
+        self.hypernet_dir: Path | None = None  # resolved in tokplug_validate
 
     @staticmethod
     @hookimpl
@@ -89,6 +84,8 @@ class DynamicTokenizationPlugin(Plugin):
         if self.config.embedding == "hypernet" and self.config.hypernet_path is None:
             raise PluginError("embedding: hypernet needs a trained hypernetwork", where=f"{where}.hypernet_path",
                               fix=HYPERNET_FIX)
+        if self.config.hypernet_path is not None:  # before any weights load: a folder here, or fetched from the Hub
+            self.hypernet_dir = resolve_hypernet(self.config.hypernet_path, f"{where}.hypernet_path")
         self.rng = random.Random(ctx.seed)
 
     @hookimpl
@@ -125,8 +122,7 @@ class DynamicTokenizationPlugin(Plugin):
 
     @hookimpl
     def tokplug_post_model_load(self, ctx, model):
-        path = self.config.hypernet_path
-        self.install(ctx, model, resolve_hypernet(path, f"plugins.{self.name}.hypernet_path") if path else None)
+        self.install(ctx, model, self.hypernet_dir)
 
     # ------------------------------------------------------------------------------------------------ results
 

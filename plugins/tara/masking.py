@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from hf_tokplug import PluginError
+from hf_tokplug.hub import local_folder
 
 META_FILE = "tara.json"
 MASKED = ("to_k", "to_v")
@@ -201,17 +202,8 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
 
 
 def _local(folder: str) -> Path:
-    path = Path(folder).expanduser()
-    if path.is_dir():
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(folder))
-    except Exception as exc:
-        raise PluginError(f"TARA adapter {folder!r} is neither a local folder nor a reachable Hub repo: {exc}",
-                          where="plugins.tara.compose",
-                          fix="give the output folder of a diffusion_lora run with the tara plugin, or a Hub repo id") from None
+    return local_folder(folder, what="TARA adapter", where="plugins.tara.compose",
+                        fix="give the output folder of a diffusion_lora run with the tara plugin, or a Hub repo id")
 
 
 def fuse_unmasked(unet: Any, adapters: list[str]) -> int:
