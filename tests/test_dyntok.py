@@ -5,6 +5,7 @@ tests/test_conformance.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +31,7 @@ def test_replacement_is_left_to_right_non_overlapping_and_stays_in_units():
     b = merge_batch(_batch([[3, 3, 3, 3, 3]], [[0, 0, 0, 1, 1]]), 1)
     # units: (3,3,3 | 3,3): pairs inside unit 0 at 0-1, 1-2; unit 1 at 3-4 -> take 0-1 and 3-4, never 2-3
     assert b.ids.tolist() == [[100, 3, 100]] and b.units.tolist() == [[0, 0, 1]]
-    match = torch.tensor([[True, True, True, False, True, True]])
+    match = np.array([[True, True, True, False, True, True]])
     assert _take_non_overlapping(match).tolist() == [[True, False, True, False, True, False]]
 
 

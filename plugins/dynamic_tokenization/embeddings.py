@@ -71,11 +71,8 @@ class HyperNetwork(nn.Module):
         x = self.pre(x) + self.position(torch.arange(pieces.shape[1], device=pieces.device))
         x = self.encoder(x, src_key_padding_mask=pad)
         hidden = self.table.shape[1] // 2 if self.table.shape[1] == 2 * self.hidden else 0
-        rows = self.table[pieces.clamp(min=0)]
-        rows = rows[..., hidden:] if side == "output" and hidden else rows[..., : self.hidden]
-        keep = (~pad).unsqueeze(-1).to(rows.dtype)
-        fvt = (rows * keep).sum(1) / keep.sum(1).clamp(min=1)  # (N, H)
-        return fvt + self.heads[side](x[:, 0])
+        columns = self.table[:, hidden:] if side == "output" and hidden else self.table[:, : self.hidden]
+        return mean_of_pieces(columns, pieces) + self.heads[side](x[:, 0])  # FVT + the head's correction
 
     def config_dict(self) -> dict[str, Any]:
         return {"hidden": self.hidden, "width": self.inp.out_features, "layers": len(self.encoder.layers),
@@ -91,11 +88,15 @@ def pad_pieces(pieces: list[list[int]], device: Any = None) -> torch.Tensor:
     return out.to(device) if device is not None else out
 
 
-def fvt_rows(table: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
-    """Mean of the base rows of each token's pieces."""
-    ids = pad_pieces(pieces, table.device)
+def mean_of_pieces(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``(N, H)`` mean of ``table``'s rows over each row of padded piece ids ``(N, P)`` (-1 = padding)."""
     valid = (ids >= 0).unsqueeze(-1).to(table.dtype)
     return (table[ids.clamp(min=0)] * valid).sum(1) / valid.sum(1).clamp(min=1)
+
+
+def fvt_rows(table: torch.Tensor, pieces: list[list[int]]) -> torch.Tensor:
+    """Mean of the base rows of each token's pieces."""
+    return mean_of_pieces(table, pad_pieces(pieces, table.device))
 
 
 class EmbeddingCache:

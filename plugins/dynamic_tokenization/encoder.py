@@ -1,4 +1,4 @@
-"""Encoder use: a model fed with dynamic tokens through ``inputs_embeds``, and hypernetwork training for it.
+"""Encoder use: a model fed with dynamic tokens through ``inputs_embeds``, directly or behind a backbone hook.
 
 ``DynamicEncoder(model, tokenizer)`` tokenizes a batch with the base tokenizer, merges it (batch-level dynamic BPE),
 and builds ``inputs_embeds``: base tokens (and every special token) keep their rows, dynamic tokens get FVT or
@@ -95,7 +95,6 @@ class BackboneHook:
 
         self.encoder, self.level = encoder, level
         self.signature = inspect.signature(backbone.forward)
-        self.tokens_in = self.tokens_out = 0  # totals over every merged call
         self.on_batch: Any = None  # (training, tokens before, after, at the word floor) -> None, e.g. a logger
 
     def __call__(self, module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -112,10 +111,8 @@ class BackboneHook:
         batch = encode_ids(self.encoder.tokenizer, ids, mask, self.encoder.mode)
         floor = int(word_level_lengths(batch).sum()) if self.on_batch is not None else 0
         batch = merge_batch(batch, max_merges=merges)
-        before, after = int(batch.base_lengths.sum()), int(batch.lengths.sum())
-        self.tokens_in, self.tokens_out = self.tokens_in + before, self.tokens_out + after
         if self.on_batch is not None:
-            self.on_batch(module.training, before, after, floor)
+            self.on_batch(module.training, int(batch.base_lengths.sum()), int(batch.lengths.sum()), floor)
         device = ids.device
         inputs["inputs_embeds"] = self.encoder.inputs_embeds(batch, use_cache=True)
         inputs["input_ids"] = None

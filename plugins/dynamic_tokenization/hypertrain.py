@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .embeddings import HyperNetwork, pad_pieces, piece_table
+from .embeddings import HyperNetwork, mean_of_pieces, pad_pieces, piece_table
 from .encoder import DynamicEncoder
 from .merge import DynamicBatch, encode_batch, merge_batch
 
@@ -47,8 +47,7 @@ def lm_loss(model: Any, encoder: DynamicEncoder, batch: DynamicBatch, out_rows: 
         if encoder.hypernet is not None and "output" in encoder.hypernet.heads:
             dyn = encoder.hypernet(ids, "output")
         else:
-            keep = (ids >= 0).unsqueeze(-1).to(out_rows.dtype)
-            dyn = (out_rows[ids.clamp(min=0)] * keep).sum(1) / keep.sum(1)
+            dyn = mean_of_pieces(out_rows, ids)
         vocab = torch.cat([vocab, dyn.to(vocab.dtype)])
     logits = hidden[:, :-1] @ vocab.T  # (B, T-1, V + n): dynamic id base_vocab + i is column base_vocab + i
     targets = batch.ids[:, 1:].to(device)

@@ -177,15 +177,12 @@ def _exact_best(keys: np.ndarray, candidates: np.ndarray) -> tuple[int, int]:
     return int(uniq[choice]), int(counts[choice])
 
 
-def _take_non_overlapping(match: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+def _take_non_overlapping(match: np.ndarray) -> np.ndarray:
     """Left-to-right non-overlapping choice among matches at adjacent pair positions: in each run of consecutive
     matches keep the 1st, 3rd, 5th, ... (bool over the last dimension, in and out)."""
-    as_torch = isinstance(match, torch.Tensor)
-    m = match.numpy() if as_torch else match
-    idx = np.broadcast_to(np.arange(m.shape[-1]), m.shape)
-    last_gap = np.maximum.accumulate(np.where(~m, idx, -1), axis=-1)
-    out = m & ((idx - last_gap - 1) % 2 == 0)
-    return torch.from_numpy(np.ascontiguousarray(out)) if as_torch else out
+    idx = np.broadcast_to(np.arange(match.shape[-1]), match.shape)
+    last_gap = np.maximum.accumulate(np.where(~match, idx, -1), axis=-1)
+    return match & ((idx - last_gap - 1) % 2 == 0)
 
 
 def merge_batch(batch: DynamicBatch, max_merges: int | None = None, target_tokens: int | None = None,
