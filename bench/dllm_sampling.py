@@ -20,7 +20,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from hf_tokplug import toy  # noqa: E402
-from hf_tokplug.runners.masked_diffusion import diffusion_sample  # noqa: E402
+from hf_tokplug.inference import diffusion_sample  # noqa: E402
 
 
 def main() -> None:

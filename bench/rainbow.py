@@ -38,7 +38,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from hf_tokplug import toy  # noqa: E402
 from hf_tokplug.recipe import parse_recipe  # noqa: E402
-from hf_tokplug.runners.masked_diffusion import MaskedDiffusionCollator, MaskedDiffusionSFT, cut_at_stop, diffusion_sample  # noqa: E402
+from hf_tokplug.inference import cut_at_stop, diffusion_sample  # noqa: E402
+from hf_tokplug.runners.masked_diffusion import MaskedDiffusionCollator, MaskedDiffusionSFT  # noqa: E402
 from hf_tokplug_plugins.rainbow_padding import fill_rainbow  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "out"

@@ -8,7 +8,17 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-LOG_FILE = "trainer_log.jsonl"
+from .hub import MANIFEST, check_state_files, manifest
+from .rundir import LOG_FILE, write_json_atomic
+
+
+def save_plugin_state(ctx: Any, folder: Path) -> None:
+    """Fire ``tokplug_save`` into ``folder`` and write the manifest there (checkpoints and the final folder)."""
+    for name in ctx.plugins:
+        ctx.state_files[name] = []
+    ctx.call("tokplug_save", output_dir=str(folder))
+    check_state_files(ctx)
+    write_json_atomic(folder / MANIFEST, manifest(ctx))
 
 
 class TokPlugCallback(TrainerCallback):
@@ -29,7 +39,7 @@ class TokPlugCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if (checkpoint / "tokplug.json").is_file():
+            if (checkpoint / MANIFEST).is_file():
                 self.ctx.call("tokplug_restore", model_dir=str(checkpoint))
             path = self._log_path(args)
             if state.is_world_process_zero and path.is_file():
@@ -53,8 +63,6 @@ class TokPlugCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        from .hub import save_plugin_state
-
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if checkpoint.is_dir():
             save_plugin_state(self.ctx, checkpoint)

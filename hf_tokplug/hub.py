@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, manager, toy
 from .errors import PluginError, TokPlugError
+from .modeling import is_peft
 from .rundir import library_versions, write_json_atomic, write_text_atomic
-from .tokens import AddedToken
 
 MANIFEST = "tokplug.json"
 FORMAT_VERSION = 1
@@ -31,7 +30,7 @@ def manifest(ctx: Any) -> dict[str, Any]:
         "hf_tokplug_version": __version__,
         "task": ctx.task,
         "base_model": ctx.base_model,
-        "adapter": _is_peft(ctx.model),
+        "adapter": is_peft(ctx.model),
         # Rows of the input embedding: an adapter folder restores onto the base model resized to this size
         # (a swapped or padded vocabulary is not len(tokenizer)).
         "embedding_rows": _embedding_rows(ctx.model),
@@ -50,6 +49,14 @@ def manifest(ctx: Any) -> dict[str, Any]:
     }
 
 
+def check_state_files(ctx: Any) -> None:
+    """Refuse state files that are not safetensors or JSON (``tokplug_save`` must never write pickle)."""
+    for name, files in ctx.state_files.items():
+        for filename in files:
+            if filename.endswith((".bin", ".pt", ".pkl", ".pickle")):
+                raise PluginError(f"plugin {name!r} saved {filename}: only safetensors/JSON state is allowed")
+
+
 def _task_state(ctx: Any) -> dict[str, Any]:
     runner = manager.registries().runners.get(ctx.task) if ctx.task else None
     return runner.manifest_extras(ctx) if runner is not None and ctx.model is not None else {}
@@ -62,23 +69,9 @@ def _embedding_rows(model: Any) -> int | None:
         return None
 
 
-def _is_peft(model: Any) -> bool:
-    return model is not None and hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
-def save_plugin_state(ctx: Any, folder: Path) -> None:
-    """Fire ``tokplug_save`` into ``folder`` and write the manifest there."""
-    for name in ctx.plugins:
-        ctx.state_files[name] = []
-    ctx.call("tokplug_save", output_dir=str(folder))
-    for name, files in ctx.state_files.items():
-        for filename in files:
-            if filename.endswith((".bin", ".pt", ".pkl", ".pickle")):
-                raise PluginError(f"plugin {name!r} saved {filename}: only safetensors/JSON state is allowed")
-    write_json_atomic(folder / MANIFEST, manifest(ctx))
-
-
-def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = None) -> str:
+def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = None,
+               sections: list[str] | None = None) -> str:
+    """The README.md of a saved folder: Hub metadata, usage, results, the plugins' ``sections``, recipe, citations."""
     from huggingface_hub import ModelCardData
 
     base = ctx.base_model if ctx.base_model and not toy.is_toy(ctx.base_model) and not os.path.isdir(ctx.base_model) else None
@@ -88,7 +81,7 @@ def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = N
             if spec is not None and "/" in spec.path and not os.path.exists(spec.path) and not toy.is_toy(spec.path):
                 datasets.append(spec.path)
     card = ModelCardData(
-        library_name=getattr(ctx.model, "library_name", None) or ("peft" if _is_peft(ctx.model) else "transformers"),
+        library_name=getattr(ctx.model, "library_name", None) or ("peft" if is_peft(ctx.model) else "transformers"),
         base_model=base,
         tags=["hf-tokplug", *(f"tokplug-{n}" for n in ctx.plugins), *([ctx.task] if ctx.task else [])],
         datasets=sorted(set(datasets)) or None,
@@ -112,7 +105,7 @@ def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = N
         lines += ["## Results", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in metrics.items()]
         lines.append("")
-    for section in ctx.call("tokplug_model_card"):
+    for section in sections or []:
         lines += [section.rstrip(), ""]
     if ctx.recipe is not None:
         from .recipe import dump_resolved
@@ -125,8 +118,13 @@ def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = N
     return "\n".join(lines)
 
 
-def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
-    """Save everything into a staging folder, then move it into ``output_dir`` (never a half-written folder)."""
+def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None, *,
+             save_state: Callable[[Any, Path], None], sections: Callable[[], list[str]]) -> Path:
+    """Save everything into a staging folder, then move it into ``output_dir`` (never a half-written folder).
+
+    ``save_state(ctx, folder)`` writes the plugins' state and the manifest; ``sections()`` returns the plugins'
+    model-card sections (the lifecycle passes the functions that fire ``tokplug_save`` / ``tokplug_model_card``).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
     try:
@@ -135,10 +133,10 @@ def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, 
             model.save_pretrained(staging)
         if ctx.tokenizer is not None:
             ctx.tokenizer.save_pretrained(staging)
-        save_plugin_state(ctx, staging)
+        save_state(ctx, staging)
         if metrics is not None:
             write_json_atomic(staging / "metrics.json", metrics)
-        write_text_atomic(staging / "README.md", model_card(ctx, metrics, repo_id))
+        write_text_atomic(staging / "README.md", model_card(ctx, metrics, repo_id, sections()))
         unsafe = [p.name for p in staging.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
         if unsafe:
             raise TokPlugError(f"refusing to save pickle files: {unsafe}", fix="save with safetensors")
@@ -163,36 +161,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     if data.get("format_version", 0) > FORMAT_VERSION:
         raise TokPlugError(f"{path} has format {data['format_version']}; this hf_tokplug reads {FORMAT_VERSION}", fix="upgrade hf_tokplug")
     return data
-
-
-def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> Any:
-    """Restore model, tokenizer and plugin state from a saved folder or a Hub repo; returns the RunContext."""
-    from .context import RunContext
-
-    folder = Path(path_or_repo)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(str(path_or_repo), revision=revision, token=token))
-    data = read_manifest(folder)
-    for entry in data["plugins"]:
-        installed = manager.plugin_version(entry["name"])
-        if entry.get("version") and installed and installed != entry["version"]:
-            warnings.warn(f"plugin {entry['name']!r} was saved with version {entry['version']}, {installed} is installed")
-    ctx = RunContext.create([(p["name"], p["config"]) for p in data["plugins"]], where=str(folder / MANIFEST))
-    ctx.task, ctx.base_model, ctx.output_dir = data.get("task"), data.get("base_model"), folder
-    ctx.added_tokens = [AddedToken(**t) for t in data.get("added_tokens", [])]
-    runners = manager.registries().runners
-    if ctx.task not in runners:
-        raise TokPlugError(
-            f"{folder / MANIFEST}: task {ctx.task!r} is not available",
-            fix="install the plugin that provides the task (for hf_tokplug.apply, pass task=...)",
-        )
-    runners[ctx.task].load_pretrained(ctx, folder, data)
-    for entry in data["plugins"]:
-        ctx.state_files[entry["name"]] = list(entry.get("state_files", []))
-    ctx.call("tokplug_restore", model_dir=str(folder))
-    return ctx
 
 
 def local_folder(location: str, *, what: str, where: str, fix: str, allow_patterns: list[str] | None = None) -> Path:

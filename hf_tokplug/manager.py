@@ -2,7 +2,7 @@
 
 - Installed plugins are the ``hf_tokplug`` entry points (built-in ones included) plus classes registered at
   run time with :func:`register_plugin`. ``HF_TOKPLUG_LOAD_PLUGINS=a,b`` restricts entry points to those names
-  (empty: none).
+  (empty: none), except the host's own entry point ``hf_tokplug`` (its built-in tasks), which always loads.
 - A *run* registers only the plugins its recipe enables, in recipe order, so an installed plugin that is not named
   never changes anything. Setup hooks (``tokplug_register_*``) are collected from every installed plugin class.
 - ``HF_TOKPLUG_TRACE=1`` prints every hook call with the plugins it reached and its duration.
@@ -27,6 +27,7 @@ from .errors import PluginError
 from .hookspecs import HOOK_RULES, PROJECT
 
 ENTRY_POINT_GROUP = "hf_tokplug"
+HOST_ENTRY_POINT = "hf_tokplug"  # the built-in tasks and token-init strategies (hf_tokplug.runners:BuiltinTasks)
 LOAD_ENV = "HF_TOKPLUG_LOAD_PLUGINS"
 TRACE_ENV = "HF_TOKPLUG_TRACE"
 
@@ -85,7 +86,7 @@ def _entry_point_plugins(allow: str | None) -> dict[str, PluginInfo]:
     allowed = None if allow is None else {n.strip() for n in allow.split(",") if n.strip()}
     found: dict[str, PluginInfo] = {}
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if allowed is not None and ep.name not in allowed:
+        if allowed is not None and ep.name not in allowed and ep.name != HOST_ENTRY_POINT:
             continue
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
@@ -211,13 +212,21 @@ def build_run_manager(plugins: list[Any]) -> pluggy.PluginManager:
 
 @cache
 def _setup_manager() -> pluggy.PluginManager:
-    from . import builtins
-
+    """Every installed plugin class, for the setup hooks; called host first, then the others by name (pluggy calls
+    the last registered first)."""
     pm = _new_manager()
-    pm.register(builtins, name="hf_tokplug.builtins")
-    for name, info in sorted(installed_plugins().items(), reverse=True):
-        if info.cls is not None:
-            pm.register(info.cls, name=name)
+    plugins = installed_plugins()
+    if HOST_ENTRY_POINT not in plugins or plugins[HOST_ENTRY_POINT].cls is None:
+        info = plugins.get(HOST_ENTRY_POINT)
+        raise PluginError(
+            "the host's built-in tasks (entry point 'hf_tokplug' in group 'hf_tokplug') are not installed"
+            + (f": {type(info.error).__name__}: {info.error}" if info is not None and info.error else ""),
+            fix="reinstall hf_tokplug (pip install -e . in a checkout)",
+        )
+    order = [n for n in sorted(plugins) if n != HOST_ENTRY_POINT]
+    for name in [*reversed(order), HOST_ENTRY_POINT]:
+        if plugins[name].cls is not None:
+            pm.register(plugins[name].cls, name=name)
     _check(pm)
     return pm
 
@@ -264,7 +273,6 @@ class HookCaller:
     def __init__(self, pm: pluggy.PluginManager):
         self.pm = pm
         self.trace = os.environ.get(TRACE_ENV, "") not in ("", "0")
-        self.calls = 0
 
     def implementers(self, name: str) -> list[str]:
         """Plugin names implementing ``name``, in call order."""
@@ -273,7 +281,6 @@ class HookCaller:
     def __call__(self, name: str, **kwargs: Any) -> Any:
         _, rule, chained = HOOK_RULES[name]
         hook = getattr(self.pm.hook, name)
-        self.calls += 1
         start = time.perf_counter() if self.trace else 0.0
         if rule == "chain":
             result = kwargs[chained]

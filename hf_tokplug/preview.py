@@ -1,14 +1,16 @@
 """``tokplug preview``: what the trainer will see for a few examples, after every plugin's data hooks.
 
-Loads the tokenizer (through the tokenizer hooks), tokenizes and prepares the training split and collates the first
-``n`` examples with the wrapped collator. No model weights load (``ctx.model`` is ``None`` in the data hooks here).
+The run's own phases up to the collator, without the model: validate, the raw data, the tokenizer phase
+(``tokplug_load_tokenizer``, task tokens, ``tokplug_prepare_tokenizer``), the task's examples of the first ``n``
+training rows, ``tokplug_prepare_dataset`` and the wrapped collator. No model weights load (``ctx.model`` is
+``None`` in the data hooks here).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .data import load_data, tokenize_dataset
+from . import lifecycle
 from .errors import RecipeError
 
 
@@ -19,17 +21,14 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     console = console or Console()
     ctx = runner.validate()
     recipe = runner.recipe
-    if recipe.data is None or recipe.data.train is None:
-        raise RecipeError("preview needs data.train", where=f"{runner.source}: data.train")
-    tokenizer = ctx.load_tokenizer(runner.load_tokenizer(ctx))
-    runner.add_task_tokens(ctx, tokenizer)  # the same ids as in the run
-    ctx.prepare_tokenizer(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train, _ = load_data(recipe.data, recipe.seed)
-    train = train.select(range(min(n, len(train))))
-    train = ctx.prepare_dataset(tokenize_dataset(train, tokenizer, recipe.data), "train")
-    collator = ctx.wrap_collator(runner.base_collator(ctx))
+    if not ctx.traits.dataset_hooks or recipe.data is None or recipe.data.train is None:
+        raise RecipeError(f"preview needs data.train and a task whose examples pass the data hooks (task {recipe.task!r})",
+                          where=f"{runner.source}: data.train", fix="add data.train, or run the recipe instead")
+    raw = runner.read_data(ctx)
+    raw = {"train": raw["train"].select(range(min(n, len(raw["train"]))))}
+    tokenizer = lifecycle.build_tokenizer(ctx, runner.load_tokenizer(ctx), runner)  # the same ids as in the run
+    data, collator = lifecycle.build_examples(ctx, runner, raw)
+    train = data["train"]
     batch = collator([train[i] for i in range(len(train))])
 
     added = {t.id: t for t in ctx.added_tokens}
@@ -44,6 +43,8 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row].tolist()
         labels = batch["labels"][row].tolist() if "labels" in batch else [None] * len(ids)
+        if not isinstance(labels, list):  # one label per sequence (classification)
+            labels = [None] * len(ids)
         attn = batch["attention_mask"][row].tolist() if "attention_mask" in batch else [1] * len(ids)
         padded = batch["pad_mask"][row].tolist() if "pad_mask" in batch else [a == 0 for a in attn]
         table = Table("pos", "token", "id", "label", "attn", "note", title=f"example {row}")

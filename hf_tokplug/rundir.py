@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from .errors import RunDirError
 
 LOCK_FILE = ".tokplug.lock"
+LOG_FILE = "trainer_log.jsonl"  # one JSON line per Trainer log event (TokPlugCallback)
 MARKER = "recipe.resolved.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import PluginError
+from .modeling import is_tied
 
 if TYPE_CHECKING:
     from .context import RunContext
@@ -135,11 +136,6 @@ def add_tokens(
     return ids
 
 
-def _is_tied(model: Any) -> bool:
-    out = model.get_output_embeddings()
-    return out is None or out.weight is model.get_input_embeddings().weight
-
-
 @torch.no_grad()
 def resize_and_init(ctx: RunContext, model: Any, pad_to_multiple_of: int | None = None) -> Any:
     """Resize ``model`` to the tokenizer and initialise rows of ``ctx.added_tokens`` (grouped by strategy)."""
@@ -151,7 +147,7 @@ def resize_and_init(ctx: RunContext, model: Any, pad_to_multiple_of: int | None 
     if emb.weight.shape[0] < needed or pad_to_multiple_of:
         model.resize_token_embeddings(needed, pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
     sides = [("input", model.get_input_embeddings().weight)]
-    if not _is_tied(model):
+    if not is_tied(model):
         sides.append(("output", model.get_output_embeddings().weight))
     groups: dict[tuple[str, str], list[AddedToken]] = {}
     for record in ctx.added_tokens:
@@ -171,8 +167,9 @@ def resize_and_init(ctx: RunContext, model: Any, pad_to_multiple_of: int | None 
                     f"expected {(len(ids), weight.shape[1])}"
                 )
             weight[ids] = rows.to(weight.dtype)
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    config.vocab_size = model.get_input_embeddings().weight.shape[0]
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):  # a transformers model (a Diffusers module keeps its own configs)
+        config.get_text_config().vocab_size = model.get_input_embeddings().weight.shape[0]
     return model
 
 

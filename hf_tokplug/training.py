@@ -21,6 +21,8 @@ from typing import Any, Callable
 
 import torch
 
+from .modeling import unwrap
+
 
 @dataclass
 class TokenLoss:
@@ -41,21 +43,13 @@ class ForwardCapture:
         last_hidden_state: ``(B, T, H)`` output of the backbone (after its final norm, before the LM head), or
             ``None`` when the model has no separable backbone.
         shift: the output at position t is scored against ``labels[:, t + shift]``: 1 for causal LMs (next
-            token), 0 for masked-diffusion LMs (the position's own token). Set by the task's trainer
-            (``tokplug_label_shift``).
+            token), 0 for masked-diffusion LMs (the position's own token): the task's ``traits.label_shift``.
     """
 
     loss: torch.Tensor
     model_output: Any
     last_hidden_state: torch.Tensor | None
     shift: int = 1
-
-
-def _unwrap(model: Any) -> Any:
-    model = getattr(model, "module", model)  # DDP / accelerate wrappers
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()  # PEFT
-    return model
 
 
 def _backbone(model: Any) -> Any | None:
@@ -68,6 +62,15 @@ def _hidden(output: Any) -> torch.Tensor | None:
         return output.last_hidden_state
     if isinstance(output, (tuple, list)) and output and torch.is_tensor(output[0]):
         return output[0]
+    return None
+
+
+def _tokens_seen(inputs: dict[str, Any]) -> Any:
+    """Real tokens in a batch (attention mask sum, else the ids' size); ``None`` for batches without token ids."""
+    if torch.is_tensor(inputs.get("attention_mask")):
+        return inputs["attention_mask"].sum().detach()
+    if torch.is_tensor(inputs.get("input_ids")):
+        return inputs["input_ids"].numel()
     return None
 
 
@@ -93,16 +96,17 @@ def compute_loss_with_terms(
 ) -> Any:
     """Run ``compute_loss`` and add the plugins' named loss terms (see module docstring)."""
     training = model.training
-    host = ctx.state["_host"]
+    host = ctx.host
     if training:
         host.setdefault("last_log", time.perf_counter())
-        seen = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].numel()
-        host["tokens"] = host.get("tokens", 0) + (seen.detach() if torch.is_tensor(seen) else seen)
+        seen = _tokens_seen(inputs)
+        if seen is not None:
+            host["tokens"] = host.get("tokens", 0) + seen
     if not ctx.hooks.has("tokplug_loss_terms"):
         return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     captured: dict[str, Any] = {}
-    unwrapped = _unwrap(model)
+    unwrapped = unwrap(model)
     backbone = _backbone(unwrapped)
 
     # Forward hooks must return None (a returned value would replace the module's output).
@@ -122,8 +126,9 @@ def compute_loss_with_terms(
             handle.remove()
     loss, rest = (result[0], result[1:]) if return_outputs else (result, ())
 
-    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"),
-                             getattr(trainer, "tokplug_label_shift", 1))
+    traits = ctx.traits
+    shift = traits.label_shift if traits is not None and traits.label_shift is not None else 1
+    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"), shift)
     terms = ctx.call("tokplug_loss_terms", model=model, inputs=inputs, outputs=capture)
     if terms:
         scaled = _loss_scaled_for_ga(trainer, num_items_in_batch)
@@ -150,7 +155,7 @@ def compute_loss_with_terms(
 
 def log_with_terms(trainer: Any, ctx: Any, log: Callable[..., Any], logs: dict[str, float], *args: Any, **kwargs: Any) -> Any:
     """Add the averaged loss terms, plugin metrics and tokens/s to a Trainer log line."""
-    host = ctx.state["_host"]
+    host = ctx.host
     mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
     prefix = "eval_" if mode == "eval" else ""
     for name, values in host.pop(f"terms_{mode}", {}).items():

@@ -41,6 +41,6 @@ def test_generate_runs_hooks():
 
 
 def test_prepare_pipeline_chain_keeps_object_when_none_returned():
-    ctx = hf_tokplug.context.RunContext.create({"shout": None})
+    ctx = hf_tokplug.lifecycle.Run.create({"shout": None})
     pipe = {}
     assert ctx.prepare_pipeline(pipe) is pipe and pipe["touched"]

@@ -6,7 +6,7 @@ import pytest
 
 import hf_tokplug
 from hf_tokplug import Plugin, PluginConfig, PluginError, hookimpl, manager
-from hf_tokplug.context import RunContext
+from hf_tokplug.lifecycle import Run as RunContext
 
 
 class OrderConfig(PluginConfig):

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 import hf_tokplug
 from hf_tokplug.errors import PluginError, RecipeError
-from hf_tokplug.runners.masked_diffusion import (MaskedDiffusionCollator, _num_transfer, cut_at_stop, diffusion_sample,
-                                                  generate, llada_loss)
+from hf_tokplug.inference import _num_transfer, cut_at_stop, diffusion_sample
+from hf_tokplug.inference import diffusion_generate as generate
+from hf_tokplug.runners.masked_diffusion import MaskedDiffusionCollator, llada_loss
 from hf_tokplug_plugins.rainbow_padding import fill_rainbow
 
 from conftest import read_log, run_recipe
@@ -132,8 +133,11 @@ def test_retrofit_an_eos_padded_dllm(tmp_path):
 
 
 def test_rainbow_refuses_a_causal_task():
-    ctx = hf_tokplug.context.RunContext.create({"rainbow_padding": {}}, task="causal_lm_sft")
-    with pytest.raises(PluginError, match="use task: masked_diffusion_sft"):
+    from hf_tokplug.manager import registries
+
+    traits = registries().runners["causal_lm_sft"].traits
+    ctx = hf_tokplug.context.RunContext.create({"rainbow_padding": {}}, task="causal_lm_sft", traits=traits)
+    with pytest.raises(PluginError, match="needs a task with model_kind masked_lm; task 'causal_lm_sft'"):
         ctx.call("tokplug_validate")
 
 
@@ -143,7 +147,7 @@ def test_masked_diffusion_needs_a_bidirectional_model(tmp_path):
 
 
 def test_diffusers_llada2_pipeline_runs_our_model(tmp_path):
-    from hf_tokplug.runners.masked_diffusion import pipeline_generate
+    from hf_tokplug.inference import pipeline_generate
 
     run_recipe(tmp_path, "pipe", **MDM, plugins={"rainbow_padding": {"num_pads": 3}}, adapter={"r": 4},
                train={"max_steps": 2})

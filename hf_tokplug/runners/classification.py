@@ -15,9 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from ..context import RunContext
 from ..errors import RecipeError
-from .base import Runner
+from ..lifecycle import Run
+from ..modeling import peft_base
+from ..traits import TaskTraits
+from ..task import Runner
 
 
 class ClassificationOptions(BaseModel):
@@ -39,6 +41,7 @@ class SequenceClassification(Runner):
     auto_class = "AutoModelForSequenceClassification"
     model_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
     options_class = ClassificationOptions
+    traits = TaskTraits(model_kind="encoder", label_shift=None, batch_fields=("input_ids", "attention_mask", "labels"))
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -49,7 +52,7 @@ class SequenceClassification(Runner):
         config.task_type = "SEQ_CLS"  # PEFT then keeps the new classification head trainable and saved
         return config
 
-    def load_model(self, ctx: RunContext) -> Any:
+    def load_model(self, ctx: Run) -> Any:
         from transformers import set_seed
 
         set_seed(self.recipe.seed)  # the new head's initialisation: same recipe, same head
@@ -58,22 +61,19 @@ class SequenceClassification(Runner):
     def model_kwargs(self) -> dict[str, Any]:
         return label_kwargs(self.labels)
 
-    def build_objects(self, ctx: RunContext) -> None:
-        super().build_objects(ctx)
-        tokenizer, config = ctx.tokenizer, ctx.model.config
+    def configure_tokenizer(self, ctx: Run, tokenizer: Any) -> None:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+    def configure_model(self, ctx: Run) -> None:
+        config = ctx.model.config
         if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = tokenizer.pad_token_id
+            config.pad_token_id = ctx.tokenizer.pad_token_id
 
-    def read_data(self) -> tuple[Any, Any]:
-        from ..data import load_data
-
-        train, evald = load_data(self.recipe.data, self.recipe.seed)
+    def read_data(self, ctx: Run) -> dict[str, Any]:
+        raw = super().read_data(ctx)
         opts = self.options
-        for split, ds in (("train", train), ("eval", evald)):
-            if ds is None:
-                continue
+        for split, ds in raw.items():
             for column in (self.recipe.data.text_field, opts.label_field, opts.text_pair_field):
                 if column is not None and column not in ds.column_names:
                     raise RecipeError(
@@ -81,14 +81,15 @@ class SequenceClassification(Runner):
                         where=f"{self.source}: data.text_field / task_options",
                         fix="name the text column with data.text_field and the label column with task_options.label_field",
                     )
-        self.labels = sorted(set(train[opts.label_field]))
+        self.labels = sorted(set(raw["train"][opts.label_field]))
+        evald = raw.get("eval")
         unknown = sorted(set(evald[opts.label_field]) - set(self.labels), key=str) if evald is not None else []
         if unknown:
             raise RecipeError(f"eval labels {unknown[:5]} do not occur in the training data",
                               where=f"{self.source}: data.eval", fix="evaluate on the labels the model is trained on")
-        return train, evald
+        return raw
 
-    def tokenize(self, ctx: RunContext, dataset: Any) -> Any:
+    def tokenize(self, ctx: Run, dataset: Any) -> Any:
         opts, data = self.options, self.recipe.data
         index = {label: i for i, label in enumerate(self.labels)}
 
@@ -102,34 +103,28 @@ class SequenceClassification(Runner):
         return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing",
                            load_from_cache_file=False, keep_in_memory=True)
 
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
+    def examples(self, ctx: Run, raw: dict[str, Any]) -> dict[str, Any]:
+        return {split: self.tokenize(ctx, ds) for split, ds in raw.items()}
+
+    def base_collator(self, ctx: Run) -> Any:
+        from transformers import DataCollatorWithPadding
+
+        return DataCollatorWithPadding(ctx.tokenizer)
+
+    def make_trainer(self, ctx: Run, train: Any, evald: Any, collator: Any, callbacks: list[Any]) -> Any:
         import numpy as np
-        from transformers import DataCollatorWithPadding, Trainer
-
-        from ..training import trainer_class
-
-        train, evald = self.read_data()
-        self.build_objects(ctx)
-        train = ctx.prepare_dataset(self.tokenize(ctx, train), "train")
-        if evald is not None:
-            evald = ctx.prepare_dataset(self.tokenize(ctx, evald), "eval")
+        from transformers import Trainer
 
         def accuracy(pred: Any) -> dict[str, float]:
             logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
             return {"accuracy": float((np.argmax(logits, -1) == pred.label_ids).mean())}
 
-        collator = ctx.wrap_collator(DataCollatorWithPadding(ctx.tokenizer))
-        trainer = trainer_class(Trainer)(
-            model=ctx.model, args=self.trainer_arguments(ctx), data_collator=collator, train_dataset=train,
-            eval_dataset=evald, processing_class=ctx.tokenizer, callbacks=ctx.callbacks(), compute_metrics=accuracy,
-        )
-        trainer.tokplug_ctx = ctx
-        ctx.set_trainer(trainer)
-        return self.train_and_evaluate(ctx, trainer, evald)
+        return Trainer(model=ctx.model, args=self.trainer_arguments(ctx), data_collator=collator, train_dataset=train,
+                       eval_dataset=evald, processing_class=ctx.tokenizer, callbacks=callbacks, compute_metrics=accuracy)
 
     @classmethod
-    def manifest_extras(cls, ctx: RunContext) -> dict[str, Any]:
-        model = ctx.model.get_base_model() if hasattr(ctx.model, "get_base_model") else ctx.model
+    def manifest_extras(cls, ctx: Run) -> dict[str, Any]:
+        model = peft_base(ctx.model)
         return {"id2label": {str(k): v for k, v in model.config.id2label.items()}}
 
     @classmethod

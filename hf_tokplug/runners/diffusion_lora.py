@@ -18,13 +18,14 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..context import RunContext
-from ..errors import RecipeError
 from .. import toy
-from .base import Runner, jsonable
+from ..errors import RecipeError
+from ..lifecycle import Run
+from ..modeling import SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora, unet_lora_state
+from ..traits import TaskTraits
+from ..task import Runner
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class DiffusionOptions(BaseModel):
@@ -55,17 +56,6 @@ class DiffusionOptions(BaseModel):
     num_inference_steps: int = Field(25, ge=1)
     guidance_scale: float = 7.5
     seed: int = 0
-
-
-def load_pipeline(name_or_path: str, dtype: Any = None, **kwargs: Any) -> Any:
-    """A Diffusers pipeline from a Hub id, folder or ``toy://sd`` (safety checker off: research use)."""
-    from diffusers import DiffusionPipeline
-
-    extra = {"safety_checker": None, "requires_safety_checker": False}
-    try:
-        return DiffusionPipeline.from_pretrained(toy.resolve(name_or_path), torch_dtype=dtype, **extra, **kwargs)
-    except TypeError:  # pipelines without a safety checker
-        return DiffusionPipeline.from_pretrained(toy.resolve(name_or_path), torch_dtype=dtype, **kwargs)
 
 
 class LatentDiffusionLoRA(torch.nn.Module):
@@ -106,20 +96,23 @@ class LatentDiffusionLoRA(torch.nn.Module):
             loss = per_example.mean()
         return {"loss": loss, "prediction": pred}
 
-    def lora_state(self, adapter: str = "default") -> dict[str, torch.Tensor]:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+    # The text encoder's token embeddings stand for the model's (tokens plugins add are resized and initialised
+    # there, like a language model's).
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.text_encoder.get_input_embeddings()
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet, adapter_name=adapter))
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> Any:
+        return self.text_encoder.resize_token_embeddings(*args, **kwargs)
+
+    def lora_state(self, adapter: str = "default") -> dict[str, torch.Tensor]:
+        return unet_lora_state(self.unet, adapter)
 
     def save_pretrained(self, folder: str | Path, **_: Any) -> None:
         """The LoRA in the Diffusers format (``pytorch_lora_weights.safetensors``) with its config as metadata."""
-        from diffusers import StableDiffusionPipeline
-
-        config = self.unet.peft_config["default"]
-        metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
-        StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=self.lora_state(),
-                                                  unet_lora_adapter_metadata=metadata, safe_serialization=True)
+        save_unet_lora(self.unet, folder)
 
 
 def _images(folder: Path, resolution: int, key: str, source: str) -> list[torch.Tensor]:
@@ -150,6 +143,12 @@ class DiffusionLoRA(Runner):
     auto_class = "DiffusionPipeline"
     model_mapping = None
     options_class = DiffusionOptions
+    traits = TaskTraits(model_kind="diffusion_unet", label_shift=None, batch_fields=("latents", "input_ids", "is_prior"),
+                        adapter="required", generates="images")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pipe: Any = None  # the Diffusers pipeline: its tokenizer, text encoder, VAE and UNet are the run's parts
 
     def check_model(self, offline: bool) -> None:
         name = self.recipe.model.name_or_path
@@ -167,41 +166,54 @@ class DiffusionLoRA(Runner):
 
     def check_data(self) -> None:
         o = self.options
-        if self.task == "diffusion_lora":
-            for key in ("instance_data_dir", "instance_prompt"):
-                if not getattr(o, key):
-                    raise RecipeError(f"task {self.task!r} needs task_options.{key}",
-                                      where=f"{self.source}: task_options.{key}",
-                                      fix="e.g. instance_data_dir: toy://shapes/red-square, instance_prompt: a photo of sks square")
-            if bool(o.class_data_dir) != bool(o.class_prompt):
-                raise RecipeError("prior preservation needs both class_data_dir and class_prompt",
-                                  where=f"{self.source}: task_options", fix="set both, or neither")
-            if not o.instance_data_dir.startswith("toy://") and not Path(o.instance_data_dir).expanduser().is_dir():
-                raise RecipeError(f"image folder not found: {o.instance_data_dir}",
-                                  where=f"{self.source}: task_options.instance_data_dir", fix="check the path")
+        for key in ("instance_data_dir", "instance_prompt"):
+            if not getattr(o, key):
+                raise RecipeError(f"task {self.task!r} needs task_options.{key}",
+                                  where=f"{self.source}: task_options.{key}",
+                                  fix="e.g. instance_data_dir: toy://shapes/red-square, instance_prompt: a photo of sks square")
+        if bool(o.class_data_dir) != bool(o.class_prompt):
+            raise RecipeError("prior preservation needs both class_data_dir and class_prompt",
+                              where=f"{self.source}: task_options", fix="set both, or neither")
+        if not o.instance_data_dir.startswith("toy://") and not Path(o.instance_data_dir).expanduser().is_dir():
+            raise RecipeError(f"image folder not found: {o.instance_data_dir}",
+                              where=f"{self.source}: task_options.instance_data_dir", fix="check the path")
 
     def lora_config(self) -> Any:
         from peft import LoraConfig
 
         a = self.recipe.adapter
-        r, alpha, dropout, targets = (8, 32, 0.0, DEFAULT_TARGETS) if a is None else (a.r, a.alpha, a.dropout, a.target_modules)
+        r, alpha, dropout, targets = (8, 32, 0.0, SD_ATTENTION_TARGETS) if a is None else (a.r, a.alpha, a.dropout, a.target_modules)
         if targets in ("all-linear", None):
-            targets = DEFAULT_TARGETS
+            targets = SD_ATTENTION_TARGETS
         return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                           init_lora_weights="gaussian")
 
-    def build_pipeline(self, ctx: RunContext) -> Any:
+    # ------------------------------------------------------------------------------------------------ parts
+
+    def load_tokenizer(self, ctx: Run) -> Any:
         spec = self.recipe.model
         dtype = getattr(torch, spec.dtype) if isinstance(spec.dtype, str) and spec.dtype != "auto" else None
-        pipe = load_pipeline(spec.name_or_path, dtype=dtype, revision=spec.revision)
-        ctx.base_model = spec.name_or_path
-        pipe.tokenizer = ctx.prepare_tokenizer(ctx.load_tokenizer(pipe.tokenizer))
-        return pipe
+        self.pipe = load_pipeline(spec.name_or_path, dtype=dtype, revision=spec.revision)
+        return self.pipe.tokenizer
 
-    def dataset(self, ctx: RunContext, module: LatentDiffusionLoRA) -> list[dict[str, Any]]:
+    def load_model(self, ctx: Run) -> Any:
+        self.pipe.tokenizer = ctx.tokenizer
+        module = LatentDiffusionLoRA(self.pipe, self.options.prior_loss_weight)
+        module.unet.requires_grad_(False)
+        return module
+
+    def peft_config(self, ctx: Run) -> Any:
+        return self.lora_config()  # the task always trains a LoRA (traits.adapter: required)
+
+    def attach_adapter(self, ctx: Run, model: Any, peft_config: Any) -> Any:
+        model.unet.add_adapter(peft_config)
+        return model
+
+    def examples(self, ctx: Run, raw: dict[str, Any]) -> dict[str, Any]:
         from ..toy.diffusion import resolve_images
 
         o = self.options
+        module = ctx.model
         sets = [(o.instance_data_dir, o.instance_prompt, False, "instance_data_dir")]
         if o.class_data_dir:
             sets.append((o.class_data_dir, o.class_prompt, True, "class_data_dir"))
@@ -215,43 +227,39 @@ class DiffusionLoRA(Runner):
                     latents = vae.encode(pixels.unsqueeze(0).to(vae.device, vae.dtype)).latent_dist.mean
                 rows.append({"latents": (latents[0] * vae.config.scaling_factor).float().cpu(), "input_ids": ids,
                              "is_prior": torch.tensor(prior), "prompt": prompt})
-        return rows
+        return {"train": rows}
 
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
+    def base_collator(self, ctx: Run) -> Any:
+        return collate
+
+    def make_trainer(self, ctx: Run, train: Any, evald: Any, collator: Any, callbacks: list[Any]) -> Any:
         from transformers import Trainer
 
-        from ..training import trainer_class
-
-        from transformers import set_seed
-
-        pipe = self.build_pipeline(ctx)
-        set_seed(self.recipe.seed)  # the LoRA init draws from the global RNG: same seed, same adapter, any process
-        module = LatentDiffusionLoRA(pipe, self.options.prior_loss_weight)
-        module.unet.requires_grad_(False)
-        ctx.model = module
-        ctx.model = ctx.call("tokplug_prepare_model", model=module)
-        module.unet.add_adapter(ctx.adapter_config(self.lora_config()))
-        ctx.post_model_load()
-        rows = self.dataset(ctx, module)
         args = self.trainer_arguments(ctx, remove_unused_columns=False, label_names=[])
-        collator = ctx.wrap_collator(collate)
-        cls = trainer_class(_LoRATrainer(Trainer))
-        trainer = cls(model=module, args=args, train_dataset=rows, data_collator=collator,
-                      callbacks=[*ctx.callbacks(), *([_sample_callback(self, ctx, pipe)] if self.options.sample_every else [])])
-        trainer.tokplug_ctx = ctx
-        ctx.set_trainer(trainer)
-        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
-        ctx.call("tokplug_post_train", model=module)
-        if self.options.sample_prompts and trainer.is_world_process_zero():
-            self.render(ctx, pipe, Path(self.recipe.output_dir) / "samples" / "final")
-        metrics = dict(result.metrics)
-        metrics.update(ctx.call("tokplug_evaluate"))
-        ctx.tokenizer = None  # the pipeline's own tokenizer is unchanged: the run folder holds the LoRA only
-        return jsonable(metrics)
+        if self.options.sample_every:
+            callbacks = [*callbacks, _sample_callback(self, ctx)]
+        return _LoRATrainer(Trainer)(model=ctx.model, args=args, train_dataset=train, data_collator=collator,
+                                     callbacks=callbacks)
 
-    def render(self, ctx: RunContext, pipe: Any, folder: Path) -> list[Path]:
+    def finish(self, ctx: Run, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+        if self.options.sample_prompts and trainer.is_world_process_zero():
+            self.render(ctx, Path(self.recipe.output_dir) / "samples" / "final")
+        ctx.tokenizer = None  # the pipeline's own tokenizer is unchanged: the run folder holds the LoRA only
+        return {}
+
+    def pipeline(self, ctx: Run) -> Any:
+        """The pipeline with the run's current parts (a plugin's ``tokplug_prepare_model`` may have replaced them)."""
+        if ctx.model is not None:
+            self.pipe.unet, self.pipe.text_encoder, self.pipe.vae = ctx.model.unet, ctx.model.text_encoder, ctx.model.vae
+        if ctx.tokenizer is not None:
+            self.pipe.tokenizer = ctx.tokenizer
+        return self.pipe
+
+    def render(self, ctx: Run, folder: Path) -> list[Path]:
+        from ..inference import prepare_pipeline
+
         o = self.options
-        pipe = ctx.prepare_pipeline(pipe)
+        pipe = prepare_pipeline(ctx, self.pipeline(ctx))
         folder.mkdir(parents=True, exist_ok=True)
         paths = []
         for i, prompt in enumerate(o.sample_prompts):
@@ -264,7 +272,7 @@ class DiffusionLoRA(Runner):
         return paths
 
     @classmethod
-    def load_pretrained(cls, ctx: RunContext, folder: Path, manifest: dict[str, Any]) -> None:
+    def load_pretrained(cls, ctx: Run, folder: Path, manifest: dict[str, Any]) -> None:
         """The base pipeline with this run's LoRA loaded as adapter ``default`` (``ctx.pipeline``)."""
         pipe = load_pipeline(manifest["base_model"])
         pipe.load_lora_weights(str(folder), adapter_name="default")
@@ -306,7 +314,7 @@ def _LoRATrainer(base: type) -> type:  # noqa: N802 (a class factory)
     return LoRATrainer
 
 
-def _sample_callback(runner: DiffusionLoRA, ctx: RunContext, pipe: Any) -> Any:
+def _sample_callback(runner: DiffusionLoRA, ctx: Run) -> Any:
     """Renders ``sample_prompts`` every ``sample_every`` steps into ``samples/step-N`` (main process)."""
     from transformers import TrainerCallback
 
@@ -314,9 +322,10 @@ def _sample_callback(runner: DiffusionLoRA, ctx: RunContext, pipe: Any) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             every, prompts = runner.options.sample_every, runner.options.sample_prompts
             if every and prompts and state.global_step % every == 0 and state.is_world_process_zero:
-                was = pipe.unet.training
-                runner.render(ctx, pipe, Path(args.output_dir) / "samples" / f"step-{state.global_step}")
-                pipe.unet.train(was)
+                unet = ctx.model.unet
+                was = unet.training
+                runner.render(ctx, Path(args.output_dir) / "samples" / f"step-{state.global_step}")
+                unet.train(was)
 
     return SampleCallback()
 
@@ -324,15 +333,15 @@ def _sample_callback(runner: DiffusionLoRA, ctx: RunContext, pipe: Any) -> Any:
 class DiffusionGenerate(DiffusionLoRA):
     task = "diffusion_generate"
     description = "No training: load a Diffusers pipeline, let plugins prepare it (e.g. compose TARA adapters), render sample_prompts."
+    traits = TaskTraits(model_kind="diffusion_unet", label_shift=None, batch_fields=(), trains=False, trainer=False,
+                        dataset_hooks=False, builds_model=False, adapter="none", generates="images")
 
     def check_data(self) -> None:
         if not self.options.sample_prompts:
             raise RecipeError("task diffusion_generate needs task_options.sample_prompts",
                               where=f"{self.source}: task_options.sample_prompts", fix="list the prompts to render")
 
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
-        pipe = self.build_pipeline(ctx)
-        ctx.model = None
-        paths = self.render(ctx, pipe, Path(self.recipe.output_dir) / "samples")
+    def finish(self, ctx: Run, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+        paths = self.render(ctx, Path(self.recipe.output_dir) / "samples")
         ctx.tokenizer = None  # nothing to save but the images, the manifest and the card
-        return jsonable({"images": len(paths), **ctx.call("tokplug_evaluate")})
+        return {"images": len(paths)}

@@ -165,20 +165,29 @@ def is_toy_tokenizer(location: str | None) -> bool:
     return bool(location) and str(location).startswith(TOKENIZER_PREFIX)
 
 
-def tokenizer_path(location: str) -> str:
-    """The folder of a ``toy://tokenizer/<name>``; a toy *model* id maps to the models' shared tokenizer."""
+def check_location(location: str) -> None:
+    """Raise :class:`TokPlugError` when ``location`` is a ``toy://`` model or tokenizer that does not exist (nothing
+    is built; Hub ids and paths pass)."""
     if not is_toy(location):
-        return location
+        return
     if not is_toy_tokenizer(location):
         toy_name(location)  # a toy model: check the name
-        return str(ASSETS)
-    name = location[len(TOKENIZER_PREFIX):]
-    if name not in TOY_TOKENIZERS:
+        return
+    if location[len(TOKENIZER_PREFIX):] not in TOY_TOKENIZERS:
         raise TokPlugError(
             f"unknown embedded tokenizer {location!r}",
             fix=f"use one of: {', '.join(TOKENIZER_PREFIX + n for n in TOY_TOKENIZERS)}, a Hub id, or a local folder",
         )
-    return str(TOY_TOKENIZERS[name][0]())
+
+
+def tokenizer_path(location: str) -> str:
+    """The folder of a ``toy://tokenizer/<name>``; a toy *model* id maps to the models' shared tokenizer."""
+    if not is_toy(location):
+        return location
+    check_location(location)
+    if not is_toy_tokenizer(location):
+        return str(ASSETS)
+    return str(TOY_TOKENIZERS[location[len(TOKENIZER_PREFIX):]][0]())
 
 
 def load_tokenizer(location: str, **kwargs: Any) -> Any:

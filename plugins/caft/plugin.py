@@ -11,8 +11,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from hf_tokplug import Plugin, PluginError, TokenLoss, hookimpl
-from hf_tokplug.hub import local_folder
+from hf_tokplug.plugin import Plugin, PluginError, TokenLoss, hookimpl, local_folder, peft_base
 
 from .config import CAFTConfig
 from .heads import CAFTHeads, build_heads, head_losses
@@ -32,10 +31,6 @@ def schedule_value(name: str, step: int, total: int) -> float:
         "linear_up": frac,
         "constant": 1.0,
     }[name]
-
-
-def _base(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 STAGE_A_FIX = "run Stage A first (e.g. tokplug run recipes/caft_heads.yaml) and point heads_path at its output folder"
@@ -79,8 +74,8 @@ class CAFTPlugin(Plugin):
     @hookimpl
     def tokplug_validate(self, ctx):
         where = f"plugins.{self.name}"
-        if ctx.task is not None and not ctx.task.startswith("causal_lm"):
-            raise PluginError(f"caft needs a causal-LM task, got {ctx.task!r}", where=where, fix="use task: causal_lm_sft")
+        if ctx.traits is not None:  # heads predict token t+1+i from a causal LM's states, scored on token labels
+            ctx.traits.require(self.name, task=ctx.task, model_kind="causal_lm", token_labels=True)
         if not self.active:
             return
         adapter = ctx.recipe.adapter if ctx.recipe is not None else None
@@ -142,7 +137,7 @@ class CAFTPlugin(Plugin):
         else:
             self.heads.requires_grad_(self.config.train_heads)
             if ctx.recipe is not None and ctx.recipe.adapter is None and not self.config.train_lm_head:
-                _base(model).get_output_embeddings().requires_grad_(False)
+                peft_base(model).get_output_embeddings().requires_grad_(False)
 
     def load_heads(self, heads: CAFTHeads, folder: Path, base: Any) -> None:
         meta_path, weights = folder / META_FILE, folder / HEADS_FILE
@@ -168,7 +163,7 @@ class CAFTPlugin(Plugin):
             raise PluginError("caft needs the backbone's hidden states, which this model does not expose")
         state = ctx.trainer.state if ctx.trainer is not None else None
         s = schedule_value(self.config.schedule_name, state.global_step, state.max_steps) if state else 1.0
-        base = _base(ctx.model)
+        base = peft_base(ctx.model)
         losses = head_losses(self.heads, base, outputs.last_hidden_state, inputs["labels"],
                              inputs.get("attention_mask"), self.config.chunk_size, self.config.checkpoint_heads)
         split = "train" if model.training else "eval"
@@ -178,18 +173,18 @@ class CAFTPlugin(Plugin):
             terms[f"head_{i}"] = TokenLoss(weight * hl.loss_sum, hl.count)
             n = max(hl.count, 1)
             mean = float(hl.loss_sum.detach()) / n
-            ctx.log(f"caft/head_{i}_loss", mean, split)
-            ctx.log(f"caft/head_{i}_acc", float(hl.correct) / n, split)
+            self.log(ctx, f"head_{i}_loss", mean, split)
+            self.log(ctx, f"head_{i}_acc", float(hl.correct) / n, split)
             selection += self.config.beta**i * mean
-        ctx.log("caft/selection", selection, split)  # sum_i beta^i loss_i: metric_for_best_model: caft/selection
-        ctx.log("caft/schedule", s, split)
+        self.log(ctx, "selection", selection, split)  # sum_i beta^i loss_i: metric_for_best_model: caft/selection
+        self.log(ctx, "schedule", s, split)
         return terms
 
     # ------------------------------------------------------------------------------------------------ results
 
     @hookimpl
     def tokplug_post_train(self, ctx, model):
-        base = _base(model)
+        base = peft_base(model)
         if self.heads is not None and hasattr(base, ATTR):
             delattr(base, ATTR)  # the saved model is a plain HF model; the heads are saved on their own
 
@@ -204,7 +199,7 @@ class CAFTPlugin(Plugin):
             return
         save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()},
                   os.path.join(output_dir, HEADS_FILE))
-        Path(output_dir, META_FILE).write_text(json.dumps(self.meta(_base(ctx.model)), indent=2))
+        Path(output_dir, META_FILE).write_text(json.dumps(self.meta(peft_base(ctx.model)), indent=2))
         ctx.add_state_file(self.name, HEADS_FILE)
         ctx.add_state_file(self.name, META_FILE)
 
@@ -213,7 +208,7 @@ class CAFTPlugin(Plugin):
         folder = Path(model_dir)
         if not (folder / HEADS_FILE).is_file() or self.config.num_heads == 0:
             return
-        base = _base(ctx.model)
+        base = peft_base(ctx.model)
         if self.heads is None:  # hf_tokplug.from_pretrained: rebuild the heads on the restored model
             self.heads = build_heads(base, self.config.num_heads, self.config.head_type, self.config.init_layer,
                                      self.config.unembedding)

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from hf_tokplug import PluginConfig
+from hf_tokplug.plugin import PluginConfig
 
 from .merge import MODES
 

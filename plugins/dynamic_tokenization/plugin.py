@@ -15,14 +15,12 @@ import random
 from pathlib import Path
 from typing import Any
 
-from hf_tokplug import Plugin, PluginError, hookimpl
-from hf_tokplug.hub import local_folder
+from hf_tokplug.plugin import Plugin, PluginError, hookimpl, local_folder, peft_base
 
 from .config import DynamicTokenizationConfig
 from .embeddings import HYPERNET_FILE, HYPERNET_META, load_hypernet, save_hypernet
 from .encoder import BackboneHook, DynamicEncoder
 
-TOKEN_LEVEL_TASKS = ("causal_lm_sft", "masked_diffusion_sft", "diffusion_lora", "diffusion_generate")
 HYPERNET_FIX = "train one with `tokplug run recipes/dyntok_hypernet.yaml` and set plugins.dynamic_tokenization.hypernet_path to its output folder"
 
 
@@ -36,7 +34,7 @@ def resolve_hypernet(location: str, where: str) -> Path:
 
 
 def backbone_of(model: Any) -> Any:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = peft_base(model)
     return getattr(base, base.base_model_prefix, base), base
 
 
@@ -74,12 +72,15 @@ class DynamicTokenizationPlugin(Plugin):
     @hookimpl
     def tokplug_validate(self, ctx):
         where = f"plugins.{self.name}"
-        if ctx.task in TOKEN_LEVEL_TASKS and self.config.active:
+        traits = ctx.traits
+        if traits is not None and self.config.active and (traits.token_labels or traits.model_kind == "diffusion_unet"):
+            # merging changes sequence lengths: token-level labels would no longer line up
+            what = "token-level labels" if traits.token_labels else f"model_kind {traits.model_kind!r}"
             raise PluginError(
-                f"dynamic tokenization changes sequence lengths, so it cannot train task {ctx.task!r} (token-level "
-                "labels)", where=where,
-                fix="use task sequence_classification (encoders), dyntok_hypernet or dyntok_generate (decoders), "
-                    "or set merges: 0",
+                f"dynamic tokenization changes sequence lengths, so it cannot serve task {ctx.task!r} ({what})",
+                where=where,
+                fix="use a task without token-level labels on a language model (sequence_classification for "
+                    "encoders; dyntok_hypernet or dyntok_generate for decoders), or set merges: 0",
             )
         if self.config.embedding == "hypernet" and self.config.hypernet_path is None:
             raise PluginError("embedding: hypernet needs a trained hypernetwork", where=f"{where}.hypernet_path",
@@ -112,13 +113,13 @@ class DynamicTokenizationPlugin(Plugin):
         if base.get_output_embeddings() is not None or not self.config.active:
             return  # a decoder keeps its ids path (see the module docstring); merges 0 installs nothing
         self.hook = BackboneHook(self.encoder, backbone, self.level)
-        self.hook.on_batch = lambda training, before, after, floor: self.log(ctx, training, before, after, floor)
+        self.hook.on_batch = lambda training, before, after, floor: self.log_batch(ctx, training, before, after, floor)
         self.handle = backbone.register_forward_pre_hook(self.hook, with_kwargs=True)
 
-    def log(self, ctx: Any, training: bool, before: int, after: int, floor: int) -> None:
+    def log_batch(self, ctx: Any, training: bool, before: int, after: int, floor: int) -> None:
         split = "train" if training else "eval"
-        ctx.log(f"{self.name}/length_reduction", 1 - after / max(before, 1), split)
-        ctx.log(f"{self.name}/reduction_pct", 100 * (before - after) / max(before - floor, 1), split)
+        self.log(ctx, "length_reduction", 1 - after / max(before, 1), split)
+        self.log(ctx, "reduction_pct", 100 * (before - after) / max(before - floor, 1), split)
 
     @hookimpl
     def tokplug_post_model_load(self, ctx, model):

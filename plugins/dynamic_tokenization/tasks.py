@@ -23,10 +23,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from hf_tokplug.context import RunContext
-from hf_tokplug.errors import RecipeError
-from hf_tokplug.rundir import write_json_atomic, write_text_atomic
-from hf_tokplug.runners.base import Runner, jsonable
+from hf_tokplug.plugin import (LOG_FILE, RecipeError, Runner, RunContext, TaskTraits, load_data, resolve_location,
+                               write_json_atomic, write_text_atomic)
 
 from .embeddings import load_hypernet, save_hypernet
 
@@ -103,22 +101,36 @@ class _FolderArtifact:
 
 class _FrozenModelTask(Runner):
     """Shared parts: the model loads with AutoModelForCausalLM when it is a causal LM, AutoModel otherwise;
-    no adapter, no Trainer (the ``train`` block is unused)."""
+    no adapter, no Trainer (the ``train`` block is unused); the texts are read before anything loads."""
 
     model_mapping = None
     needs_data = True
+    # model_kind follows the recipe's model (resolve_traits); texts are read directly, not through the data hooks
+    traits = TaskTraits(model_kind="encoder", label_shift=None, batch_fields=(), trains=False, trainer=False,
+                        dataset_hooks=False, adapter="none")
 
-    def validate(self, offline: bool = False) -> RunContext:
-        ctx = super().validate(offline)
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.train_texts: list[str] = []
+        self.held_texts: list[str] = []
+
+    def check(self, offline: bool) -> None:
         if self.recipe.adapter is not None:
             raise RecipeError(f"task {self.task!r} keeps the model frozen; an adapter would not be trained",
                               where=f"{self.source}: adapter", fix="remove the adapter block (~adapter)")
+        super().check(offline)
         from .merge import MODES
 
         if self.options.mode not in MODES:
             raise RecipeError(f"unknown mode {self.options.mode!r}", where=f"{self.source}: task_options.mode",
                               fix=f"use one of {', '.join(MODES)}")
-        return ctx
+
+    def resolve_traits(self) -> TaskTraits:
+        return self.traits.with_(model_kind="causal_lm" if self.is_causal() else "encoder")
+
+    def read_data(self, ctx: RunContext) -> dict[str, Any]:
+        self.train_texts, self.held_texts = self.texts()
+        return {}
 
     def is_causal(self) -> bool:
         """A decoder: its saved architecture is a causal LM, or (no architecture recorded) its type has a causal-LM
@@ -138,8 +150,6 @@ class _FrozenModelTask(Runner):
         return super().load_model(ctx)
 
     def texts(self) -> tuple[list[str], list[str]]:
-        from hf_tokplug.data import load_data
-
         data = self.recipe.data
         train, evald = load_data(data, self.recipe.seed)
         for split, ds in (("train", train), ("eval", evald)):
@@ -156,20 +166,24 @@ class DyntokHypernet(_FrozenModelTask):
     description = "Train a dynamic-tokenization hypernetwork for a frozen encoder or decoder; saves hypernet.safetensors."
     options_class = HypernetOptions
 
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
-        from hf_tokplug.callback import LOG_FILE
+    traits = _FrozenModelTask.traits.with_(trains=True)
 
-        from .hypertrain import default_objective, train_hypernetwork
-
+    def read_data(self, ctx: RunContext) -> dict[str, Any]:
+        super().read_data(ctx)
         o = self.options
-        texts, held = self.texts()
+        texts, held = self.train_texts, self.held_texts
         if not held:
             texts, held = texts[: -o.eval_texts], texts[-o.eval_texts:]
-        held = held[: o.eval_texts]
+        self.train_texts, self.held_texts = texts, held[: o.eval_texts]
         if len(texts) < o.batch_size:
             raise RecipeError(f"{len(texts)} training texts for batch_size {o.batch_size}",
                               where=f"{self.source}: data.train", fix="use more text or a smaller task_options.batch_size")
-        self.build_objects(ctx)
+        return {}
+
+    def train(self, ctx: RunContext, data: dict[str, Any]) -> dict[str, Any]:
+        from .hypertrain import default_objective, train_hypernetwork
+
+        o = self.options
         model, tokenizer = ctx.model, ctx.tokenizer
         objective = default_objective(model) if o.objective == "auto" else o.objective
         if objective == "lm" and model.get_output_embeddings() is None:
@@ -178,26 +192,30 @@ class DyntokHypernet(_FrozenModelTask):
         log_path = Path(self.recipe.output_dir) / LOG_FILE
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a", encoding="utf-8") as log:
-            net, _ = train_hypernetwork(
-                model, tokenizer, texts, objective=objective, steps=o.steps, batch_size=o.batch_size,
+            self.net, _ = train_hypernetwork(
+                model, tokenizer, self.train_texts, objective=objective, steps=o.steps, batch_size=o.batch_size,
                 max_merges=o.max_merges, warmup_steps=min(o.warmup_steps, o.steps - 1), lr=o.learning_rate,
                 lexical_weight=o.lexical_weight, mode=o.mode, width=o.width, layers=o.layers, heads=o.heads,
                 seed=self.recipe.seed, max_length=o.max_length,
                 on_step=lambda row: log.write(json.dumps(row) + "\n"),
             )
-        metrics = {"objective": objective, **compare(model, tokenizer, net, held, o.eval_merges, objective, o.mode,
-                                                      o.max_length)}
+        self.objective = objective
+        return {}
+
+    def finish(self, ctx: RunContext, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+        o, net, objective = self.options, self.net, self.objective
+        metrics = {"objective": objective, **compare(ctx.model, ctx.tokenizer, net, self.held_texts, o.eval_merges,
+                                                      objective, o.mode, o.max_length)}
         meta = {"base_model": self.recipe.model.name_or_path, "objective": objective, "mode": o.mode}
         ctx.model = _FolderArtifact(lambda folder: save_hypernet(net, folder, **meta))
-        return jsonable(metrics)
+        return metrics
 
     @classmethod
     def load_pretrained(cls, ctx: RunContext, folder: Path, manifest: dict[str, Any]) -> None:
         """The base model and tokenizer; the hypernetwork lands in ``ctx.state["dyntok_hypernet"]["hypernet"]``."""
         import transformers
-        from hf_tokplug import toy
 
-        location = toy.resolve(manifest["base_model"])
+        location = resolve_location(manifest["base_model"])
         info = json.loads((folder / "hypernet.json").read_text(encoding="utf-8"))
         auto = "AutoModelForCausalLM" if info["objective"] == "lm" else "AutoModel"
         ctx.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
@@ -241,20 +259,18 @@ class DyntokGenerate(_FrozenModelTask):
     description = "Generate over a vocabulary expanded by continued BPE: ANN (faiss) candidates, exact rescoring, KV cache."
     options_class = GenerateOptions
 
-    def validate(self, offline: bool = False) -> RunContext:
-        ctx = super().validate(offline)
+    def check(self, offline: bool) -> None:
+        super().check(offline)
         if not self.is_causal():
             raise RecipeError(f"task {self.task!r} needs a causal LM", where=f"{self.source}: model.name_or_path",
                               fix="use a decoder (e.g. toy://llama)")
-        return ctx
 
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
+    def finish(self, ctx: RunContext, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
         from .decoder import OutputIndex, ann_generate, expand_vocabulary
         from .plugin import resolve_hypernet
 
         o = self.options
-        texts, _ = self.texts()
-        self.build_objects(ctx)
+        texts = self.train_texts
         model, tokenizer = ctx.model.eval(), ctx.tokenizer
         hypernet = None
         if o.hypernet_path:
@@ -286,4 +302,4 @@ class DyntokGenerate(_FrozenModelTask):
             write_json_atomic(folder / "expanded_vocab.json", {"base_vocab": vocab.base_vocab, "tokens": pieces})
 
         ctx.model = _FolderArtifact(write)
-        return jsonable(metrics)
+        return metrics

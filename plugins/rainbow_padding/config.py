@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from hf_tokplug import PluginConfig
+from hf_tokplug.plugin import PluginConfig
 
 
 class RainbowPaddingConfig(PluginConfig):

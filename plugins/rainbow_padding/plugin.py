@@ -1,7 +1,7 @@
 """The ``rainbow_padding`` plugin: K pad tokens, cyclic tail filling, pads as stop tokens at sampling time.
 
 Training data keeps exactly one EOS at the true end of each answer; the tail the collator pads (marked by the
-``pad_mask`` of task masked_diffusion_sft) is filled with pad_{s}, pad_{s+1}, ... (mod K). With K = 0 the batch is
+``pad_mask`` a task's batches carry, trait ``batch_fields``) is filled with pad_{s}, pad_{s+1}, ... (mod K). With K = 0 the batch is
 left untouched: plain EOS padding.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_tokplug import Plugin, PluginError, add_tokens, hookimpl
+from hf_tokplug.plugin import Plugin, PluginError, add_tokens, hookimpl
 
 from .config import RainbowPaddingConfig
 
@@ -46,11 +46,9 @@ class RainbowPaddingPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        if ctx.task is not None and ctx.task != "masked_diffusion_sft":
-            raise PluginError(
-                f"rainbow padding changes the padding of masked-diffusion SFT; task is {ctx.task!r}",
-                where=f"plugins.{self.name}", fix="use task: masked_diffusion_sft",
-            )
+        if ctx.traits is not None:  # it rewrites the padded tail of masked-diffusion batches (marked by pad_mask)
+            ctx.traits.require(self.name, task=ctx.task, model_kind="masked_lm", token_labels=True,
+                               batch_fields=("pad_mask",))
         if "{i}" not in self.config.token_format:
             raise PluginError("token_format must contain {i}", where=f"plugins.{self.name}.token_format")
 
@@ -74,8 +72,9 @@ class RainbowPaddingPlugin(Plugin):
         def collate(examples):
             batch = collator(examples)
             if "pad_mask" not in batch:
-                raise PluginError("rainbow padding needs a collator that marks padding (pad_mask), as "
-                                  "task masked_diffusion_sft's does", where=f"plugins.{self.name}")
+                raise PluginError("rainbow padding needs a collator that marks padding (pad_mask): a task whose "
+                                  "traits list pad_mask in batch_fields", where=f"plugins.{self.name}",
+                                  fix="use the masked-diffusion SFT task's collator, or one that returns pad_mask")
             return fill_rainbow(batch, pad_ids, start)
 
         return collate

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from hf_tokplug import PluginConfig
+from hf_tokplug.plugin import PluginConfig
 
 
 class TARAConfig(PluginConfig):

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from hf_tokplug.runners.diffusion_lora import load_pipeline
+from hf_tokplug.plugin import load_pipeline
 
 from .masking import compose
 

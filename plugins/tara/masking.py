@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 
-from hf_tokplug import PluginError
-from hf_tokplug.hub import local_folder
+from hf_tokplug.plugin import PluginError, local_folder
 
 META_FILE = "tara.json"
 MASKED = ("to_k", "to_v")

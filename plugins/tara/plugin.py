@@ -1,5 +1,5 @@
-"""The ``tara`` plugin: token-masked LoRA for task diffusion_lora, the token alignment loss, adapter metadata, and
-training-free composition of several TARA adapters in a Diffusers pipeline."""
+"""The ``tara`` plugin: token-masked LoRA for diffusion-UNet training tasks, the token alignment loss, adapter
+metadata, and training-free composition of several TARA adapters in a Diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -9,14 +9,12 @@ from typing import Any
 
 import torch
 
-from hf_tokplug import Plugin, PluginError, hookimpl
+from hf_tokplug.plugin import SD_ATTENTION_TARGETS, Plugin, PluginError, hookimpl
 
 from .config import TARAConfig
 from .masking import (META_FILE, MaskState, compose, cross_attention_layers, install, patch_pipeline, read_meta,
                       token_mask, word_ids)
 
-TASKS = ("diffusion_lora", "diffusion_generate")
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 class TARAPlugin(Plugin):
@@ -63,19 +61,19 @@ class TARAPlugin(Plugin):
     @hookimpl
     def tokplug_validate(self, ctx):
         c = self.config
-        if ctx.task is not None and ctx.task not in TASKS:
-            raise PluginError(f"TARA adapts a diffusion UNet; task is {ctx.task!r}", where=self.where,
-                              fix="use task: diffusion_lora (training) or diffusion_generate (composition)")
-        if ctx.task == "diffusion_lora":
+        if ctx.traits is not None:
+            ctx.traits.require(self.name, task=ctx.task, model_kind="diffusion_unet")
+        if ctx.traits is not None and ctx.traits.trains:
             if not c.rare_token or not c.class_word:
                 raise PluginError("TARA training needs rare_token and class_word", where=self.where,
                                   fix="e.g. rare_token: sks, class_word: dog (the instance prompt names both)")
-            prompt = (ctx.recipe.task_options or {}).get("instance_prompt") or ""
-            words = prompt.split()
-            if c.rare_token not in words:
+            # the training prompt, when the task takes one in its options (DreamBooth-style tasks)
+            prompt = ((ctx.recipe.task_options or {}) if ctx.recipe is not None else {}).get("instance_prompt")
+            words = (prompt or "").split()
+            if prompt is not None and c.rare_token not in words:
                 raise PluginError(f"the instance prompt {prompt!r} does not contain the rare token {c.rare_token!r}",
                                   where=f"{self.where}.rare_token", fix="put the rare token in task_options.instance_prompt")
-            if c.align_weight > 0 and c.class_word not in words:
+            if prompt is not None and c.align_weight > 0 and c.class_word not in words:
                 raise PluginError(
                     f"the token alignment loss needs the class word {c.class_word!r} in the instance prompt {prompt!r}",
                     where=f"{self.where}.class_word",
@@ -93,7 +91,7 @@ class TARAPlugin(Plugin):
         names = set(targets) if isinstance(targets, (list, set, tuple)) else set()
         if {"to_k", "to_v"} - names:
             raise PluginError(f"TARA masks the cross-attention to_k/to_v LoRA, but the adapter targets {targets!r}",
-                              where="adapter.target_modules", fix=f"use target_modules: {TARGETS}")
+                              where="adapter.target_modules", fix=f"use target_modules: {SD_ATTENTION_TARGETS}")
         return None
 
     @hookimpl

@@ -17,11 +17,11 @@ def random_adapter(base: str, folder: str | Path, rare_token: str, class_word: s
     """A TARA adapter folder with random (non-zero) LoRA weights, saved exactly like a trained one."""
     from peft import LoraConfig
 
-    from hf_tokplug.runners.diffusion_lora import LatentDiffusionLoRA, load_pipeline
+    from hf_tokplug.plugin import SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora
 
     pipe = load_pipeline(base)
     torch.manual_seed(seed)
-    pipe.unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+    pipe.unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=SD_ATTENTION_TARGETS,
                                      init_lora_weights=False))
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
@@ -29,7 +29,7 @@ def random_adapter(base: str, folder: str | Path, rare_token: str, class_word: s
                 p.normal_(0, 0.5)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    LatentDiffusionLoRA(pipe).save_pretrained(folder)
+    save_unet_lora(pipe.unet, folder)
     meta = {"rare_token": rare_token, "class_word": class_word, "rank": r, "alpha": alpha,
             "masked": ["attn2.to_k", "attn2.to_v"]}
     (folder / META_FILE).write_text(json.dumps(meta))

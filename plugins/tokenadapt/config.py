@@ -6,8 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from hf_tokplug import PluginConfig
-from hf_tokplug.recipe import DatasetSpec
+from hf_tokplug.plugin import DatasetSpec, PluginConfig
 
 # How rows of tokens the old vocabulary lacks are estimated:
 #   hybrid  (1 - w) * local + w * global (TokenAdapt)

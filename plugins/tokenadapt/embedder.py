@@ -15,13 +15,12 @@ from pathlib import Path
 
 import torch
 
-from hf_tokplug import PluginError
-from hf_tokplug.toy import cache_root, packaged_path
+from hf_tokplug.plugin import PluginError, cache_root, packaged_path
 
 from .config import EmbedderConfig
 
 def resolve_embedder(name_or_path: str) -> str:
-    """A local folder for packaged embedders (offline: ``hf_tokplug.toy.PACKAGED_MODELS``), the input otherwise."""
+    """A local folder for packaged embedders (offline: the host's packaged models, ``packaged_path``), the input otherwise."""
     return packaged_path(name_or_path) or name_or_path
 
 

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from hf_tokplug import Plugin, PluginError, hookimpl, toy
+from hf_tokplug.plugin import (Plugin, PluginError, TokPlugError, check_toy_location, hookimpl, is_tied,
+                               load_tokenizer)
 
 from .config import TokenAdaptConfig
 from .transplant import (
@@ -19,7 +20,6 @@ from .transplant import (
 )
 
 REPORT_FILE = "tokenadapt.json"
-TASKS = (None, "causal_lm_sft", "causal_lm_prepare")
 
 
 class TokenAdaptPlugin(Plugin):
@@ -61,19 +61,16 @@ class TokenAdaptPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        if ctx.task not in TASKS:
-            raise PluginError(f"TokenAdapt swaps a causal LM's tokenizer; task is {ctx.task!r}", where=self.where,
-                              fix="use task: causal_lm_prepare (transplant only) or causal_lm_sft (then heal)")
+        if ctx.traits is not None:  # the transplant and its bits-per-byte score are a causal LM's
+            ctx.traits.require(self.name, task=ctx.task, model_kind="causal_lm")
         c = self.config
         if c.tokenizer is None:
             return
-        if toy.is_toy(c.tokenizer):
-            try:
-                if toy.is_toy_tokenizer(c.tokenizer) and c.tokenizer[len(toy.TOKENIZER_PREFIX):] not in toy.TOY_TOKENIZERS:
-                    toy.tokenizer_path(c.tokenizer)
-            except Exception as exc:
-                raise PluginError(str(exc), where=f"{self.where}.tokenizer") from None
-        elif c.tokenizer.startswith((".", "/", "~")) and not Path(c.tokenizer).expanduser().exists():
+        try:
+            check_toy_location(c.tokenizer)
+        except TokPlugError as exc:
+            raise PluginError(exc.message, where=f"{self.where}.tokenizer", fix=exc.fix) from None
+        if c.tokenizer.startswith((".", "/", "~")) and not Path(c.tokenizer).expanduser().exists():
             raise PluginError(f"tokenizer folder not found: {c.tokenizer}", where=f"{self.where}.tokenizer",
                               fix="give a folder with tokenizer.json, a Hub id, or toy://tokenizer/<name>")
         aux = c.embedder.name_or_path
@@ -93,7 +90,7 @@ class TokenAdaptPlugin(Plugin):
         if self.config.tokenizer is None:
             return None
         try:
-            new = toy.load_tokenizer(self.config.tokenizer)
+            new = load_tokenizer(self.config.tokenizer)
         except Exception as exc:
             raise PluginError(f"cannot load the new tokenizer {self.config.tokenizer!r}: {exc}",
                               where=f"{self.where}.tokenizer",
@@ -133,7 +130,7 @@ class TokenAdaptPlugin(Plugin):
             if module is not None and names.get(module) and names[module] not in saved:
                 saved.append(names[module])
         peft_config.modules_to_save = saved
-        if out is None or out.weight is emb.weight:
+        if is_tied(model):
             peft_config.ensure_weight_tying = True
         if peft_config.trainable_token_indices:  # the full matrix trains anyway
             peft_config.trainable_token_indices = None
@@ -145,7 +142,7 @@ class TokenAdaptPlugin(Plugin):
         spec = self.config.eval.data
         if spec is None:
             return []
-        from hf_tokplug.data import load_split
+        from hf_tokplug.plugin import load_split
 
         try:
             dataset = load_split(spec)
@@ -160,7 +157,7 @@ class TokenAdaptPlugin(Plugin):
         return [t for t in dataset.select(range(n))[field] if t]
 
     def bpb(self, model: Any, tokenizer: Any, texts: list[str]) -> float:
-        from hf_tokplug.evaluation import bits_per_byte
+        from hf_tokplug.plugin import bits_per_byte
 
         e = self.config.eval
         return bits_per_byte(model, tokenizer, texts, max_length=e.max_length, batch_size=e.batch_size)["bpb"]
@@ -173,7 +170,7 @@ class TokenAdaptPlugin(Plugin):
         r = self.report
         metrics.update({"shared_raw": r.shared_raw, "shared_surface": r.shared_surface, "shared_special": r.shared_special,
                         "unique_tokens": r.unique, "fallback_input": r.fallback_input})
-        if ctx.trainer is not None and "bpb_original" in self.scores and ctx.task == "causal_lm_sft":
+        if ctx.trainer is not None and "bpb_original" in self.scores and ctx.traits is not None and ctx.traits.trains:
             final = self.bpb(ctx.model, ctx.tokenizer, self.texts)  # the texts scored before the transplant
             metrics["bpb_final"] = final
             metrics["bpb_final_ratio"] = final / self.scores["bpb_original"]

@@ -94,12 +94,9 @@ def to_transformers(tok: Any, base: Any | None) -> Any:
 
 def read_texts(data: str, text_field: str = "text", split: str = "train") -> list[str]:
     """Texts from ``toy://kjv-text``, a ``.txt`` file (one document per line) or a ``.jsonl``/``.json`` file."""
-    from hf_tokplug import toy
+    from hf_tokplug.plugin import DatasetSpec, is_toy, load_split
 
-    if toy.is_toy(data):
-        from hf_tokplug.data import load_split
-        from hf_tokplug.recipe import DatasetSpec
-
+    if is_toy(data):
         rows = load_split(DatasetSpec(path=data, split=split))
         return [r for r in rows[text_field] if r]
     path = Path(data)
@@ -133,8 +130,7 @@ def configure_command(parser: argparse.ArgumentParser) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    from hf_tokplug import TokPlugError, toy
-    from hf_tokplug.rundir import write_json_atomic
+    from hf_tokplug.plugin import TokPlugError, load_tokenizer, write_json_atomic
 
     try:
         texts = read_texts(args.data, args.text_field)
@@ -144,7 +140,7 @@ def run_command(args: argparse.Namespace) -> int:
         raise TokPlugError(f"{args.data} has {len(texts)} documents; need at least 2", where="--data")
     if not 0 < args.held_out < 1:
         raise TokPlugError("--held-out must be between 0 and 1", where="--held-out")
-    base = toy.load_tokenizer(args.base)
+    base = load_tokenizer(args.base)
     order = list(range(len(texts)))
     random.Random(args.seed).shuffle(order)
     cut = max(1, int(len(texts) * args.held_out))

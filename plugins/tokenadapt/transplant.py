@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from hf_tokplug import PluginError
+from hf_tokplug.plugin import PluginError, is_tied
 
 from .config import EmbedderConfig, TokenAdaptConfig
 
@@ -303,11 +303,6 @@ def match_shared(old: Any, new: Any, old_surf: list[str], new_surf: list[str], m
     return source, counts
 
 
-def _is_tied(model: Any) -> bool:
-    out = model.get_output_embeddings()
-    return out is None or out.weight is model.get_input_embeddings().weight
-
-
 def _phi(embedder_config: EmbedderConfig, old_surf: list[str], new_surf: list[str], unique: torch.Tensor,
          progress: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
     from .embedder import get_embedder
@@ -329,7 +324,7 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     report = TransplantReport(input_init=config.input_init)
     clock = time.perf_counter()
     emb = model.get_input_embeddings()
-    tied = _is_tied(model)
+    tied = is_tied(model)
     old_n = min(len(old), emb.weight.shape[0])
     report.old_vocab, report.new_vocab, report.tied = old_n, len(new), tied
     old_in = emb.weight.detach()[:old_n].float().clone()

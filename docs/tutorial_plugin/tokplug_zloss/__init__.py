@@ -13,8 +13,7 @@ import os
 import torch
 from pydantic import Field
 
-import hf_tokplug
-from hf_tokplug import Plugin, PluginConfig, TokenLoss, hookimpl
+from hf_tokplug.plugin import Plugin, PluginConfig, TokenLoss, hookimpl
 
 
 class ZLossConfig(PluginConfig):
@@ -48,10 +47,10 @@ class ZLossPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        if ctx.task is not None and ctx.task.startswith("diffusion"):
-            raise hf_tokplug.PluginError(
-                f"zloss needs a language model, got task {ctx.task!r}", where="plugins.zloss", fix="remove the plugin"
-            )
+        # The term is computed on token positions that carry labels: ask the task's traits, never its name.
+        # (ctx.traits is None when hf_tokplug.apply could not tell what the model is: nothing to check then.)
+        if ctx.traits is not None:
+            ctx.traits.require(self.name, task=ctx.task, token_labels=True)
 
     @hookimpl
     def tokplug_loss_terms(self, ctx, model, inputs, outputs):
@@ -69,7 +68,7 @@ class ZLossPlugin(Plugin):
             self.log_z_sum += float(log_z.detach().float().sum())
         self.log_z_count += int(rows.shape[0])
         if model.training:
-            ctx.log("zloss/mean_log_z", self.log_z_sum / max(self.log_z_count, 1))
+            self.log(ctx, "mean_log_z", self.log_z_sum / max(self.log_z_count, 1))  # logged as zloss/mean_log_z
         return {"z": TokenLoss(self.config.weight * total, rows.shape[0])}
 
     @hookimpl

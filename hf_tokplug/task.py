@@ -1,20 +1,38 @@
-"""Runner: one task's end-to-end flow. Subclasses set the model kind and implement ``execute``.
+"""Runner: the base class of a task. A task declares its traits and supplies the parts of a run;
+:mod:`hf_tokplug.lifecycle` fires every hook, in the documented order, around them. Register a task with
+``tokplug_register_runners`` (the built-in ones live in :mod:`hf_tokplug.runners`).
 
-The order is fixed and documented in docs/design.md: validate (no weights) -> run folder -> tokenizer hooks ->
-model hooks -> adapter -> data hooks -> trainer -> train -> evaluate -> save -> push.
+Parts (each has a working default for a transformers model; override what your task needs):
+
+    check(offline)                      task checks before anything loads (model/task fit, data, trainer args)
+    read_data(ctx) -> {split: raw}      raw splits, before the tokenizer (bad data fails before weights load)
+    load_tokenizer(ctx)                 the model's own tokenizer
+    configure_tokenizer(ctx, tok)       the task's own tokens / settings, before tokplug_prepare_tokenizer
+    load_model(ctx)                     the model (unless a plugin's tokplug_load_model returned one)
+    peft_config(ctx) / attach_adapter   the adapter config (None: no adapter) and how it is attached
+    configure_model(ctx)                after tokplug_post_model_load (e.g. the pad id in the model config)
+    examples(ctx, raw) -> {split: ds}   the examples the trainer sees (tokplug_prepare_dataset follows)
+    base_collator(ctx)                  the collator (tokplug_wrap_collator wraps it)
+    make_trainer(ctx, train, eval, collator, callbacks)   the trainer (traits.trainer)
+    train(ctx, data)                    the task's own loop (traits.trains without a trainer)
+    finish(ctx, trainer, data)          after training: evaluation, samples; may set what is saved
+                                        (``ctx.model`` / ``ctx.tokenizer``)
+    load_pretrained(ctx, folder, manifest)   hf_tokplug.from_pretrained: model and tokenizer from a saved folder
 """
 
 from __future__ import annotations
 
 import difflib
-import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..context import RunContext
-from ..errors import RecipeError
-from ..recipe import Recipe, dump_resolved
-from .. import manager, toy
+from . import lifecycle, manager, toy
+from .errors import RecipeError
+from .lifecycle import Run, has_accelerator, jsonable
+from .recipe import Recipe, dump_resolved
+from .traits import TaskTraits
+
+__all__ = ["Runner", "jsonable"]
 
 
 class Runner:
@@ -28,9 +46,12 @@ class Runner:
         model_mapping: name of the transformers mapping (in ``transformers.models.auto.modeling_auto``) whose model
             types fit this task; ``None`` skips the check.
         options_class: pydantic model of the recipe's ``task_options`` block (``None``: the task takes none).
+        traits: what the task is (:class:`hf_tokplug.traits.TaskTraits`); plugins check it, the lifecycle skips
+            the phases it rules out. Override :meth:`resolve_traits` when they depend on the recipe's model.
     """
 
     task: ClassVar[str]
+    traits: ClassVar[TaskTraits] = TaskTraits(model_kind="causal_lm", generates="text")
     description: ClassVar[str] = ""
     needs_data: ClassVar[bool] = True
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
@@ -43,7 +64,7 @@ class Runner:
         self.options = self.parse_options()
         self.notes: list[str] = []
         self._configs: dict[bool, Any] = {}
-        self.ctx: RunContext | None = None  # set by run(): the model, tokenizer and plugins after the run
+        self.ctx: Run | None = None  # set by run(): the model, tokenizer and plugins after the run
 
     # ------------------------------------------------------------------------------------------------ checks
 
@@ -66,21 +87,33 @@ class Runner:
                 fix=f"valid options of {self.task}: {', '.join(self.options_class.model_fields)}",
             ) from None
 
-    def create_context(self) -> RunContext:
-        ctx = RunContext.create(self.recipe.plugins, where=self.source)
+    def create_context(self) -> Run:
+        ctx = Run.create(self.recipe.plugins, where=self.source)
         ctx.recipe, ctx.task, ctx.base_model = self.recipe, self.recipe.task, self.recipe.model.name_or_path
         ctx.seed = self.recipe.seed
         ctx.output_dir = Path(self.recipe.output_dir)
         return ctx
 
-    def validate(self, offline: bool = False) -> RunContext:
-        """Every check that needs no weights; returns the context with validated plugins."""
-        ctx = self.create_context()
+    def validate(self, offline: bool = False) -> Run:
+        """Every check that needs no weights (the task's, then ``tokplug_validate``); returns the run's context."""
+        return lifecycle.validate(self, offline)
+
+    def run(self) -> dict[str, Any]:
+        """The whole run (:func:`hf_tokplug.lifecycle.run`); returns the final metrics."""
+        return lifecycle.run(self)
+
+    def resolve_traits(self) -> TaskTraits:
+        """This run's traits (the class's ``traits``; a task whose model kind follows the recipe overrides it)."""
+        return self.traits
+
+    def check(self, offline: bool) -> None:
+        """The task's checks before anything loads: model/task fit, data, trainer arguments, the adapter block."""
         self.check_model(offline)
         self.check_data()
         self.check_train_args()
-        ctx.call("tokplug_validate")
-        return ctx
+        if self.traits.adapter == "none" and self.recipe.adapter is not None:
+            raise RecipeError(f"task {self.task!r} trains no adapter", where=f"{self.source}: adapter",
+                              fix="remove the adapter block (~adapter)")
 
     def model_config(self, offline: bool) -> Any | None:
         """The model's config (fetched once per runner: validation and loading share it)."""
@@ -129,7 +162,7 @@ class Runner:
             )
 
     def check_data(self) -> None:
-        from ..data import check_dataset_spec
+        from .data import check_dataset_spec
 
         data = self.recipe.data
         if self.needs_data and (data is None or data.train is None):
@@ -182,9 +215,18 @@ class Runner:
         if "output_dir" in self.recipe.train:
             raise RecipeError("set output_dir at the top level of the recipe, not under train", where=f"{self.source}: train.output_dir")
 
-    # ------------------------------------------------------------------------------------------------ loading
+    # ------------------------------------------------------------------------------------------------ parts
 
-    def load_tokenizer(self, ctx: RunContext) -> Any:
+    def read_data(self, ctx: Run) -> dict[str, Any]:
+        """The recipe's raw splits (``{"train": ds, "eval": ds}``; missing ones left out)."""
+        from .data import load_data
+
+        if self.recipe.data is None:
+            return {}
+        train, evald = load_data(self.recipe.data, self.recipe.seed)
+        return {split: ds for split, ds in (("train", train), ("eval", evald)) if ds is not None}
+
+    def load_tokenizer(self, ctx: Run) -> Any:
         from transformers import AutoTokenizer
 
         spec = self.recipe.model
@@ -193,7 +235,10 @@ class Runner:
             return toy.load_tokenizer(location)
         return AutoTokenizer.from_pretrained(toy.resolve(location), revision=spec.revision, trust_remote_code=spec.trust_remote_code)
 
-    def load_model(self, ctx: RunContext) -> Any:
+    def configure_tokenizer(self, ctx: Run, tokenizer: Any) -> None:
+        """The task's own tokenizer needs (a mask token, a pad token), before the plugins' tokenizer hooks."""
+
+    def load_model(self, ctx: Run) -> Any:
         import transformers
 
         spec = self.recipe.model
@@ -220,16 +265,49 @@ class Runner:
             modules_to_save=list(a.modules_to_save) if a.modules_to_save else None, task_type="CAUSAL_LM", **a.kwargs,
         )
 
-    def add_task_tokens(self, ctx: RunContext, tokenizer: Any) -> None:
-        """Tokens the task itself needs (e.g. a mask token), added before the plugins' tokenizer hooks."""
+    def peft_config(self, ctx: Run) -> Any | None:
+        """The adapter config (``None``: no adapter): the recipe's ``adapter:`` block as a PEFT LoraConfig."""
+        return self.lora_config() if self.recipe.adapter is not None else None
 
-    def trainer_arguments(self, ctx: RunContext, **forced: Any) -> Any:
+    def attach_adapter(self, ctx: Run, model: Any, peft_config: Any) -> Any:
+        from peft import get_peft_model
+
+        return get_peft_model(model, peft_config)
+
+    def configure_model(self, ctx: Run) -> None:
+        """After ``tokplug_post_model_load``: settings that tie the model to the tokenizer (a pad id, say)."""
+
+    def examples(self, ctx: Run, raw: dict[str, Any]) -> dict[str, Any]:
+        """The examples per split, as the trainer will see them (the default keeps the raw splits)."""
+        return dict(raw)
+
+    def base_collator(self, ctx: Run) -> Any:
+        """The data collator the plugins' ``tokplug_wrap_collator`` wraps."""
+        from transformers import default_data_collator
+
+        return default_data_collator
+
+    def make_trainer(self, ctx: Run, train: Any, evald: Any, collator: Any, callbacks: list[Any]) -> Any:
+        """The trainer for ``traits.trainer`` tasks, built with ``callbacks`` (the host's and the plugins')."""
+        raise NotImplementedError(f"task {self.task!r} declares trainer=True but builds none")
+
+    def train(self, ctx: Run, data: dict[str, Any]) -> dict[str, Any]:
+        """The task's own training loop (``traits.trains`` without a trainer); returns metrics."""
+        raise NotImplementedError(f"task {self.task!r} declares trains=True without a trainer but has no loop")
+
+    def finish(self, ctx: Run, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """After training: the trainer's evaluation on the eval split (tasks add samples, generation...)."""
+        if trainer is not None and data.get("eval") is not None:
+            return trainer.evaluate()
+        return {}
+
+    def trainer_arguments(self, ctx: Run, **forced: Any) -> Any:
         """``training_args_class()`` from the recipe's ``train`` block, host defaults, then ``forced`` values."""
         train = dict(self.recipe.train)
         train.pop("resume_from_checkpoint", None)  # resolved by the host, passed to train()
         train.setdefault("report_to", "none")
         # Without an accelerator, TrainingArguments only sets up CPU ranks (gloo under torchrun) with use_cpu.
-        train.setdefault("use_cpu", not _has_accelerator())
+        train.setdefault("use_cpu", not has_accelerator())
         if ctx.hooks.has("tokplug_loss_terms"):
             # Loss terms use parameters after the DDP forward; "find unused" would mark them unused first and
             # DDP would then see their gradients twice.
@@ -244,22 +322,8 @@ class Runner:
                 fix=f"see the {cls.__name__} documentation for the field",
             ) from None
 
-    def build_objects(self, ctx: RunContext) -> None:
-        """Tokenizer and model through the hooks, new token rows, adapter."""
-        tokenizer = ctx.load_tokenizer(self.load_tokenizer(ctx))
-        self.add_task_tokens(ctx, tokenizer)
-        ctx.prepare_tokenizer(tokenizer)
-        model = ctx.call("tokplug_load_model") or self.load_model(ctx)
-        ctx.prepare_model(model, self.recipe.model.pad_to_multiple_of)
-        if self.recipe.adapter is not None:
-            from transformers import set_seed
-
-            set_seed(self.recipe.seed)  # LoRA init draws from the global RNG: same recipe, same adapter, any process
-            ctx.attach_adapter(self.lora_config())
-        ctx.post_model_load()
-
     @classmethod
-    def manifest_extras(cls, ctx: RunContext) -> dict[str, Any]:
+    def manifest_extras(cls, ctx: Run) -> dict[str, Any]:
         """Task facts a restore needs (e.g. a classifier's labels), saved as ``task_state`` in the manifest."""
         return {}
 
@@ -274,7 +338,7 @@ class Runner:
         return cls.auto_class
 
     @classmethod
-    def load_pretrained(cls, ctx: RunContext, folder: Path, manifest: dict[str, Any]) -> None:
+    def load_pretrained(cls, ctx: Run, folder: Path, manifest: dict[str, Any]) -> None:
         """Set ``ctx.tokenizer`` and ``ctx.model`` from a saved folder (``hf_tokplug.from_pretrained``)."""
         import transformers
         from transformers import AutoTokenizer
@@ -308,7 +372,7 @@ class Runner:
             return None
         if value is not True:
             return str(value)
-        from ..hub import MANIFEST
+        from .hub import MANIFEST
 
         out = Path(self.recipe.output_dir)
         complete = sorted(
@@ -323,8 +387,8 @@ class Runner:
             )
         return str(complete[-1])
 
-    def write_run_header(self, ctx: RunContext) -> None:
-        from ..rundir import record_start, write_text_atomic
+    def write_run_header(self, ctx: Run) -> None:
+        from .rundir import record_start, write_text_atomic
 
         out = Path(self.recipe.output_dir)
         write_text_atomic(
@@ -336,60 +400,3 @@ class Runner:
             out, seed=self.recipe.seed, plugins={n: manager.plugin_version(n) for n in ctx.plugins},
             resumed_from=str(resume) if resume else None,
         )
-
-    def run(self) -> dict[str, Any]:
-        """Validate, lock the run folder, record the start, then ``execute``; returns the final metrics."""
-        from accelerate import PartialState
-
-        from ..rundir import prepare_output_dir
-
-        ctx = self.ctx = self.validate()
-        # The distributed state is a process-wide singleton: created here first, it must already know that a
-        # machine without an accelerator trains on CPU, or ranks under torchrun/accelerate would each run alone.
-        state = PartialState(cpu=not _has_accelerator())
-        out = Path(self.recipe.output_dir)
-        lock = None
-        if state.is_main_process:
-            lock = prepare_output_dir(out, overwrite=self.recipe.overwrite, resuming=bool(self.resume_checkpoint()))
-        try:
-            if state.is_main_process:
-                self.write_run_header(ctx)
-            state.wait_for_everyone()
-            metrics = self.execute(ctx)
-            if state.is_main_process:
-                ctx.metrics = metrics
-                from ..hub import push_folder, save_run
-
-                save_run(ctx, out, metrics, repo_id=self.recipe.hub.repo_id)
-                if self.recipe.hub.repo_id:
-                    url = push_folder(out, self.recipe.hub.repo_id, private=self.recipe.hub.private, revision=self.recipe.hub.revision)
-                    metrics = {**metrics, "hub_commit": url}
-            state.wait_for_everyone()
-            return metrics
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def execute(self, ctx: RunContext) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def train_and_evaluate(self, ctx: RunContext, trainer: Any, evald: Any) -> dict[str, Any]:
-        """Train (resuming when asked), fire ``tokplug_post_train``, evaluate on ``evald`` and the plugins' metrics."""
-        result = trainer.train(resume_from_checkpoint=self.resume_checkpoint())
-        ctx.call("tokplug_post_train", model=ctx.model)
-        metrics: dict[str, Any] = dict(result.metrics)
-        if evald is not None:
-            metrics.update(trainer.evaluate())
-        metrics.update(ctx.call("tokplug_evaluate"))
-        return jsonable(metrics)
-
-
-def _has_accelerator() -> bool:
-    import torch
-
-    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-
-
-def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(metrics, default=float))
-

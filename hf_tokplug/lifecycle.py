@@ -1,0 +1,380 @@
+"""The run order: the one place that fires the lifecycle hooks, for every task and for ``hf_tokplug.apply``.
+
+    validate      task checks (recipe, model config, data, trainer arguments), then tokplug_validate
+    run folder    lock, recipe.resolved.yaml, run_info.json                      (recipe runs, main process)
+    data          the task reads its raw splits (no hooks yet: bad data fails before any weights load)
+    tokenizer     task loads the model's own -> tokplug_load_tokenizer (may swap) -> task tokens
+                  -> tokplug_prepare_tokenizer
+    model         tokplug_load_model or the task's loader -> tokplug_adapt_embeddings -> resize + init added rows
+                  -> tokplug_prepare_model -> [tokplug_adapter_config -> adapter] -> tokplug_post_model_load
+    examples      task tokenizes each split -> tokplug_prepare_dataset (per split) -> tokplug_wrap_collator
+    trainer       tokplug_callbacks -> task builds the trainer -> loss terms attached -> tokplug_post_trainer_create
+    train         trainer.train() (or the task's own loop) -> tokplug_post_train
+    results       the task's own evaluation / generation -> tokplug_evaluate -> save: tokplug_save, manifest,
+                  tokplug_model_card -> push
+
+A task (``hf_tokplug.runners.Runner``) supplies parts only: how to load the tokenizer, the model, the data and the
+trainer, and what to do after training. Its traits (``Runner.traits``) say which phases apply; hooks a trait rules
+out never fire (:meth:`hf_tokplug.traits.TaskTraits.skipped_hooks`). Every chain hook's return value is the value
+used from then on (``ctx.model``, ``ctx.tokenizer``, ``ctx.collator``). Inference hooks fire from
+:mod:`hf_tokplug.inference`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from . import manager
+from .callback import TokPlugCallback, save_plugin_state
+from .context import RunContext
+from .errors import TokPlugError
+from .hub import push_folder, read_manifest, save_run
+from .modeling import output_module_name
+from .tokens import AddedToken, resize_and_init, trainable_token_ids
+from .traits import TaskTraits
+from .training import attach_loss_terms
+
+
+class Run(RunContext):
+    """The context recipe runs, ``apply`` and ``from_pretrained`` return: a :class:`RunContext` with the
+    own-trainer steps bound as methods (each is the lifecycle function of the same name)."""
+
+    def prepare_dataset(self, dataset: Any, split: str) -> Any:
+        """Run the ``tokplug_prepare_dataset`` chain over one split of your tokenized data."""
+        return prepare_dataset(self, dataset, split)
+
+    def wrap_collator(self, collator: Any) -> Any:
+        """Run the ``tokplug_wrap_collator`` chain over your collator; pass the result to your trainer (plugins
+        that change batches, e.g. rainbow padding, act only through it)."""
+        return wrap_collator(self, collator)
+
+    def attach(self, trainer: Any) -> Any:
+        """Hook this context into your own trainer instance: loss terms, plugin metrics, the per-step log and plugin
+        state in checkpoints (``tokplug_callbacks``, then ``tokplug_post_trainer_create``). Returns the trainer."""
+        return attach(self, trainer)
+
+    def prepare_pipeline(self, pipeline: Any) -> Any:
+        """Run the ``tokplug_prepare_pipeline`` chain over a Diffusers pipeline (e.g. TARA composition)."""
+        from .inference import prepare_pipeline
+
+        return prepare_pipeline(self, pipeline)
+
+    def save_pretrained(self, output_dir: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write model, tokenizer, plugin state, tokplug.json and a model card into ``output_dir``."""
+        return save(self, Path(output_dir), **kwargs)
+
+    def push_to_hub(self, repo_id: str, *, folder: str | os.PathLike | None = None, private: bool = True,
+                    **kwargs: Any) -> str:
+        """Save (unless ``folder`` holds a saved run already) and upload with huggingface_hub; returns the commit URL."""
+        if folder is None:
+            folder = self.save_pretrained(self.output_dir or f"tokplug-{repo_id.split('/')[-1]}")
+        return push_folder(Path(folder), repo_id, private=private, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------ phases
+
+
+def validate(task: Any, offline: bool = False) -> RunContext:
+    """The task's own checks (no weights), then ``tokplug_validate``; returns the run's context."""
+    ctx = task.create_context()
+    task.check(offline)
+    ctx.traits = task.resolve_traits()
+    ctx.call("tokplug_validate")
+    return ctx
+
+
+def build_tokenizer(ctx: RunContext, base: Any, task: Any = None) -> Any:
+    """``base`` (the model's own tokenizer) -> ``tokplug_load_tokenizer`` -> task tokens -> ``tokplug_prepare_tokenizer``."""
+    ctx.base_tokenizer = base
+    ctx.tokenizer = ctx.call("tokplug_load_tokenizer") or base
+    if task is not None:
+        task.configure_tokenizer(ctx, ctx.tokenizer)
+    ctx.call("tokplug_prepare_tokenizer", tokenizer=ctx.tokenizer)
+    return ctx.tokenizer
+
+
+def build_model(ctx: RunContext, task: Any = None, *, model: Any = None, peft_config: Any = None,
+                pad_to_multiple_of: int | None = None, seed: int | None = None) -> Any:
+    """Load (``tokplug_load_model`` or the task; ``model`` when given), adapt the embeddings, resize and initialise
+    added rows, ``tokplug_prepare_model``, then the adapter and ``tokplug_post_model_load``."""
+    if model is None:
+        model = ctx.call("tokplug_load_model") or task.load_model(ctx)
+    ctx.model = model
+    ctx.model = ctx.call("tokplug_adapt_embeddings", model=ctx.model)
+    resize_and_init(ctx, ctx.model, pad_to_multiple_of)
+    ctx.model = ctx.call("tokplug_prepare_model", model=ctx.model)
+    if task is not None:
+        peft_config = task.peft_config(ctx)
+    if peft_config is not None:
+        if seed is not None:
+            from transformers import set_seed
+
+            set_seed(seed)  # LoRA init draws from the global RNG: same recipe, same adapter, any process
+        peft_config = adapter_config(ctx, peft_config)
+        ctx.model = task.attach_adapter(ctx, ctx.model, peft_config) if task is not None else _peft(ctx.model, peft_config)
+    ctx.call("tokplug_post_model_load", model=ctx.model)
+    if task is not None:
+        task.configure_model(ctx)
+    return ctx.model
+
+
+def _peft(model: Any, peft_config: Any) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, peft_config)
+
+
+def adapter_config(ctx: RunContext, peft_config: Any) -> Any:
+    """Make added tokens trainable (``trainable_token_indices``; an untied head in ``modules_to_save``), then the
+    ``tokplug_adapter_config`` chain."""
+    ids = trainable_token_ids(ctx)
+    if ids:
+        indices = peft_config.trainable_token_indices
+        if indices is None:
+            peft_config.trainable_token_indices = list(ids)
+        elif isinstance(indices, list):
+            peft_config.trainable_token_indices = sorted(set(indices) | set(ids))
+        else:
+            key = next(iter(indices), "embed_tokens")
+            indices[key] = sorted(set(indices.get(key, [])) | set(ids))
+        head = output_module_name(ctx.model)
+        if head is not None:
+            # An untied LM head needs its new rows trained too. TRL's fused loss reads `lm_head.weight`
+            # directly (it rejects tuner layers there), so the head is trained and saved in full.
+            saved = list(peft_config.modules_to_save or [])
+            if head not in saved:
+                peft_config.modules_to_save = [*saved, head]
+    return ctx.call("tokplug_adapter_config", peft_config=peft_config)
+
+
+def build_examples(ctx: RunContext, task: Any, raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The task's examples per split through ``tokplug_prepare_dataset``, and its collator through
+    ``tokplug_wrap_collator``; ``({}, None)`` for tasks whose traits rule the data hooks out."""
+    if not ctx.traits.dataset_hooks:
+        return {}, None
+    splits = task.examples(ctx, raw)
+    data = {split: prepare_dataset(ctx, ds, split) for split, ds in splits.items()}
+    collator = wrap_collator(ctx, task.base_collator(ctx)) if data else None
+    return data, collator
+
+
+def prepare_dataset(ctx: RunContext, dataset: Any, split: str) -> Any:
+    return ctx.call("tokplug_prepare_dataset", dataset=dataset, split=split)
+
+
+def wrap_collator(ctx: RunContext, collator: Any) -> Any:
+    ctx.collator = ctx.call("tokplug_wrap_collator", collator=collator)
+    return ctx.collator
+
+
+def callbacks(ctx: RunContext) -> list[Any]:
+    """``TokPlugCallback`` (per-step log, plugin state in checkpoints) and the ``tokplug_callbacks`` list."""
+    return [TokPlugCallback(ctx), *ctx.call("tokplug_callbacks")]
+
+
+def build_trainer(ctx: RunContext, task: Any, data: dict[str, Any], collator: Any) -> Any:
+    """``tokplug_callbacks`` -> the task's trainer (given the callbacks) -> loss terms and logging attached ->
+    ``tokplug_post_trainer_create``."""
+    if not (ctx.traits.trainer and data):
+        return None
+    trainer = task.make_trainer(ctx, data.get("train"), data.get("eval"), collator, callbacks(ctx))
+    return trainer_created(ctx, trainer)
+
+
+def attach(ctx: RunContext, trainer: Any) -> Any:
+    """``ctx.attach(trainer)`` on your own trainer: the callbacks are added to it, then as in a recipe run."""
+    for callback in callbacks(ctx):
+        trainer.add_callback(callback)
+    return trainer_created(ctx, trainer)
+
+
+def trainer_created(ctx: RunContext, trainer: Any) -> Any:
+    """Wrap this trainer instance's ``compute_loss`` and ``log`` (loss terms, plugin metrics, tokens/s; no class is
+    patched), then fire ``tokplug_post_trainer_create``."""
+    attach_loss_terms(trainer, ctx)
+    ctx.trainer = trainer
+    ctx.call("tokplug_post_trainer_create", trainer=trainer)
+    return trainer
+
+
+def train_and_finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming when asked) or run the task's own loop, ``tokplug_post_train``, the task's own results
+    (evaluation, samples), then ``tokplug_evaluate``."""
+    metrics: dict[str, Any] = {}
+    if ctx.traits.trains:
+        if trainer is not None:
+            metrics.update(trainer.train(resume_from_checkpoint=task.resume_checkpoint()).metrics)
+        else:
+            metrics.update(task.train(ctx, data) or {})
+        ctx.call("tokplug_post_train", model=ctx.model)
+    metrics.update(task.finish(ctx, trainer, data) or {})
+    metrics.update(ctx.call("tokplug_evaluate"))
+    return jsonable(metrics)
+
+
+def save(ctx: RunContext, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
+    """Model, tokenizer, ``tokplug_save`` + manifest, metrics and the model card (``tokplug_model_card``), staged
+    and moved into ``output_dir``."""
+    return save_run(ctx, output_dir, metrics, repo_id, save_state=save_plugin_state,
+                    sections=lambda: ctx.call("tokplug_model_card"))
+
+
+# ------------------------------------------------------------------------------------------------------ entry points
+
+
+def run(task: Any) -> dict[str, Any]:
+    """A recipe run: validate, lock the run folder, record the start, every phase, save, push; returns the metrics."""
+    from accelerate import PartialState
+
+    from .rundir import prepare_output_dir
+
+    ctx = task.ctx = validate(task)
+    # The distributed state is a process-wide singleton: created here first, it must already know that a
+    # machine without an accelerator trains on CPU, or ranks under torchrun/accelerate would each run alone.
+    state = PartialState(cpu=not has_accelerator())
+    recipe = task.recipe
+    out = Path(recipe.output_dir)
+    lock = None
+    if state.is_main_process:
+        lock = prepare_output_dir(out, overwrite=recipe.overwrite, resuming=bool(task.resume_checkpoint()))
+    try:
+        if state.is_main_process:
+            task.write_run_header(ctx)
+        state.wait_for_everyone()
+        raw = task.read_data(ctx)
+        build_tokenizer(ctx, task.load_tokenizer(ctx), task)
+        if ctx.traits.builds_model:
+            build_model(ctx, task, pad_to_multiple_of=recipe.model.pad_to_multiple_of, seed=recipe.seed)
+        data, collator = build_examples(ctx, task, raw)
+        trainer = build_trainer(ctx, task, data, collator)
+        metrics = train_and_finish(ctx, task, trainer, data)
+        if state.is_main_process:
+            ctx.metrics = metrics
+            save(ctx, out, metrics, repo_id=recipe.hub.repo_id)
+            if recipe.hub.repo_id:
+                url = push_folder(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
+                metrics = {**metrics, "hub_commit": url}
+        state.wait_for_everyone()
+        return metrics
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def apply(
+    model: Any,
+    tokenizer: Any,
+    plugins: dict[str, Any] | None = None,
+    *,
+    peft_config: Any = None,
+    task: str | None = None,
+    seed: int = 42,
+    pad_to_multiple_of: int | None = None,
+) -> RunContext:
+    """Patch a user's model and tokenizer with plugins; use the result in your own trainer.
+
+    The same phases as a recipe run, up to the model: validate -> tokenizer hooks (a plugin may swap it) -> model
+    hooks (adapt embeddings, resize and initialise added rows, prepare) -> adapter (when ``peft_config`` is given)
+    -> post_model_load. ``tokplug_load_model`` does not fire (the model is yours). Afterwards use ``ctx.model`` /
+    ``ctx.tokenizer`` (a plugin may replace either), ``ctx.wrap_collator(collator)`` for your data collator (the
+    collator hooks fire only there), and ``ctx.attach(trainer)`` for loss terms, logging and plugin state.
+
+    ``task`` names how ``hf_tokplug.from_pretrained`` reloads the saved model and which traits plugins see; by
+    default it is the first registered training task whose model kind fits the model (causal LMs: SFT).
+
+    Example::
+
+        ctx = hf_tokplug.apply(model, tokenizer, plugins={"my_plugin": {"weight": 0.1}}, peft_config=LoraConfig(r=8))
+        trainer = ctx.attach(SFTTrainer(model=ctx.model, processing_class=ctx.tokenizer, args=...,
+                                        train_dataset=..., data_collator=ctx.wrap_collator(collator)))
+        trainer.train()
+        ctx.save_pretrained("out")
+    """
+    runners = manager.registries().runners
+    if task is not None and task not in runners:
+        raise TokPlugError(f"unknown task {task!r}; registered: {', '.join(sorted(runners))}",
+                           fix="pass one of the registered tasks, or leave task unset")
+    ctx = Run.create(plugins or {}, seed=seed)
+    ctx.task = task or infer_task(model)
+    ctx.traits = runners[ctx.task].traits if ctx.task else None
+    ctx.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
+    ctx.call("tokplug_validate")
+    build_tokenizer(ctx, tokenizer)
+    build_model(ctx, model=model, peft_config=peft_config, pad_to_multiple_of=pad_to_multiple_of)
+    return ctx
+
+
+def model_kind(model: Any) -> str | None:
+    """The :data:`~hf_tokplug.traits.MODEL_KINDS` entry a transformers model belongs to, or ``None``."""
+    from transformers.models.auto import modeling_auto as auto
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = type(base).__name__
+    for kind, mapping in (("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                          ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
+                          ("encoder", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+                          ("encoder", auto.MODEL_MAPPING_NAMES)):
+        if name in set(mapping.values()):
+            return kind
+    return None
+
+
+def infer_task(model: Any) -> str | None:
+    """The first registered training task (registration order) whose traits' model kind fits ``model``."""
+    kind = model_kind(model)
+    for name, runner in manager.registries().runners.items():
+        traits: TaskTraits | None = getattr(runner, "traits", None)
+        if kind is not None and traits is not None and traits.model_kind == kind and traits.trains and traits.trainer:
+            return name
+    return None
+
+
+def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> RunContext:
+    """Restore model, tokenizer and plugin state from a saved folder or a Hub repo; returns the RunContext.
+
+    Order: the manifest's plugins are instantiated from their saved configs, the task loads the model and tokenizer
+    (``Runner.load_pretrained``), then ``tokplug_restore`` fires.
+    """
+    folder = Path(path_or_repo)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(str(path_or_repo), revision=revision, token=token))
+    data = read_manifest(folder)
+    for entry in data["plugins"]:
+        installed = manager.plugin_version(entry["name"])
+        if entry.get("version") and installed and installed != entry["version"]:
+            warnings.warn(f"plugin {entry['name']!r} was saved with version {entry['version']}, {installed} is installed")
+    ctx = Run.create([(p["name"], p["config"]) for p in data["plugins"]], where=str(folder / "tokplug.json"))
+    ctx.task, ctx.base_model, ctx.output_dir = data.get("task"), data.get("base_model"), folder
+    ctx.added_tokens = [AddedToken(**t) for t in data.get("added_tokens", [])]
+    runners = manager.registries().runners
+    if ctx.task not in runners:
+        raise TokPlugError(
+            f"{folder / 'tokplug.json'}: task {ctx.task!r} is not available",
+            fix="install the plugin that provides the task (for hf_tokplug.apply, pass task=...)",
+        )
+    ctx.traits = runners[ctx.task].traits
+    runners[ctx.task].load_pretrained(ctx, folder, data)
+    for entry in data["plugins"]:
+        ctx.state_files[entry["name"]] = list(entry.get("state_files", []))
+    ctx.call("tokplug_restore", model_dir=str(folder))
+    return ctx
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as plain JSON values (tensors and numpy scalars become floats)."""
+    return json.loads(json.dumps(metrics, default=float))
