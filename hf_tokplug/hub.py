@@ -63,10 +63,11 @@ def _task_state(ctx: Any) -> dict[str, Any]:
 
 
 def _embedding_rows(model: Any) -> int | None:
-    try:
-        return int(model.get_input_embeddings().weight.shape[0])
-    except Exception:  # no model yet, or a model without token embeddings (e.g. a Diffusers pipeline)
+    """Rows of a language model's input embedding; ``None`` for anything else (no model, a Diffusers module, whose
+    text encoder keeps its own size)."""
+    if model is None or not hasattr(getattr(model, "config", None), "get_text_config"):
         return None
+    return int(model.get_input_embeddings().weight.shape[0])
 
 
 def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = None,

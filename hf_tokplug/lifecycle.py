@@ -13,7 +13,7 @@
     results       the task's own evaluation / generation -> tokplug_evaluate -> save: tokplug_save, manifest,
                   tokplug_model_card -> push
 
-A task (``hf_tokplug.runners.Runner``) supplies parts only: how to load the tokenizer, the model, the data and the
+A task (:class:`hf_tokplug.plugin.Runner`) supplies parts only: how to load the tokenizer, the model, the data and the
 trainer, and what to do after training. Its traits (``Runner.traits``) say which phases apply; hooks a trait rules
 out never fire (:meth:`hf_tokplug.traits.TaskTraits.skipped_hooks`). Every chain hook's return value is the value
 used from then on (``ctx.model``, ``ctx.tokenizer``, ``ctx.collator``). Inference hooks fire from
@@ -33,7 +33,7 @@ from .callback import TokPlugCallback, save_plugin_state
 from .context import RunContext
 from .errors import TokPlugError
 from .hub import push_folder, read_manifest, save_run
-from .modeling import output_module_name
+from .modeling import output_module_name, peft_base
 from .tokens import AddedToken, resize_and_init, trainable_token_ids
 from .traits import TaskTraits
 from .training import attach_loss_terms
@@ -53,8 +53,9 @@ class Run(RunContext):
         return wrap_collator(self, collator)
 
     def attach(self, trainer: Any) -> Any:
-        """Hook this context into your own trainer instance: loss terms, plugin metrics, the per-step log and plugin
-        state in checkpoints (``tokplug_callbacks``, then ``tokplug_post_trainer_create``). Returns the trainer."""
+        """Hook this context into your own trainer instance: the plugins' collator wrappers (unless its collator came
+        from :meth:`wrap_collator`), loss terms, plugin metrics, the per-step log and plugin state in checkpoints
+        (``tokplug_callbacks``, then ``tokplug_post_trainer_create``). Returns the trainer."""
         return attach(self, trainer)
 
     def prepare_pipeline(self, pipeline: Any) -> Any:
@@ -186,7 +187,11 @@ def build_trainer(ctx: RunContext, task: Any, data: dict[str, Any], collator: An
 
 
 def attach(ctx: RunContext, trainer: Any) -> Any:
-    """``ctx.attach(trainer)`` on your own trainer: the callbacks are added to it, then as in a recipe run."""
+    """``ctx.attach(trainer)`` on your own trainer: its data collator goes through ``tokplug_wrap_collator`` (unless
+    it came from ``ctx.wrap_collator``), the callbacks are added to it, then as in a recipe run."""
+    collator = getattr(trainer, "data_collator", None)
+    if collator is not None and collator is not ctx.collator:
+        trainer.data_collator = wrap_collator(ctx, collator)
     for callback in callbacks(ctx):
         trainer.add_callback(callback)
     return trainer_created(ctx, trainer)
@@ -312,8 +317,7 @@ def model_kind(model: Any) -> str | None:
     """The :data:`~hf_tokplug.traits.MODEL_KINDS` entry a transformers model belongs to, or ``None``."""
     from transformers.models.auto import modeling_auto as auto
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = type(base).__name__
+    name = type(peft_base(model)).__name__
     for kind, mapping in (("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
                           ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
                           ("encoder", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),

@@ -71,6 +71,11 @@ class Plugin:
         self.name = name
         self.config = config
 
+    @property
+    def where(self) -> str:
+        """Where this plugin's options live in a recipe (``plugins.<name>``), for errors' ``where=``."""
+        return f"plugins.{self.name}"
+
     def config_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data, for the manifest."""
         return self.config.model_dump(mode="json") if self.config is not None else {}

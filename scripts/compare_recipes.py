@@ -9,7 +9,9 @@ A refactor of the host must not change what users get. Run this before and after
 Each recipe runs in its own process (``tokplug run`` with overrides that shrink it to a few steps) under one root
 folder; recipes that consume another run's output (CAFT Stage B, the rainbow retrofit, TARA composition) point at
 the runs made just before. Fingerprint per recipe: every logged loss-like value of trainer_log.jsonl in order,
-metrics.json without timings, and the SHA-256 of every saved file except those that record times, paths or versions.
+metrics.json and tokplug.json without timings, versions and the run root, and a hash of every saved file: tensors of
+safetensors files (not their byte layout), JSON with volatile keys dropped and string lists sorted (PEFT writes
+target_modules from a set), other files byte for byte; files that only record times, paths or versions are skipped.
 """
 
 from __future__ import annotations
@@ -59,13 +61,38 @@ RUNS: list[tuple[str, str, list[str]]] = [
 VOLATILE_FILES = {"run_info.json", "README.md", "trainer_log.jsonl", "metrics.json", "recipe.resolved.yaml",
                   "tokplug.json", "trainer_state.json", "training_args.bin"}
 VOLATILE_METRICS = ("runtime", "per_second", "seconds", "flos", "tokens_per_second")
+VOLATILE_KEYS = ("time", "second", "strings_embedded", "library_versions", "hf_tokplug_version")
 
 
-def _hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def _canonical(value, root: str):
+    if isinstance(value, dict):
+        return {k: _canonical(v, root) for k, v in value.items() if not any(s in k for s in VOLATILE_KEYS)}
+    if isinstance(value, list):
+        items = [_canonical(v, root) for v in value]
+        return sorted(items) if all(isinstance(v, str) for v in items) else items
+    if isinstance(value, str):
+        return value.replace(root, "{root}")
+    return value
+
+
+def _hash(path: Path, root: str) -> str:
+    digest = hashlib.sha256()
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            for key in sorted(f.keys()):
+                digest.update(key.encode())
+                digest.update(f.get_tensor(key).contiguous().view(-1).view(dtype=__import__("torch").uint8).numpy().tobytes())
+    elif path.suffix == ".json":
+        digest.update(json.dumps(_canonical(json.loads(path.read_text(encoding="utf-8")), root), sort_keys=True).encode())
+    else:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(folder: Path) -> dict:
+    root = str(folder.parent)
     log = folder / "trainer_log.jsonl"
     losses = []
     if log.is_file():
@@ -75,23 +102,25 @@ def fingerprint(folder: Path) -> dict:
     metrics_path = folder / "metrics.json"
     metrics = {}
     if metrics_path.is_file():
-        metrics = {k: v for k, v in json.loads(metrics_path.read_text()).items()
+        metrics = {k: v for k, v in _canonical(json.loads(metrics_path.read_text()), root).items()
                    if not any(s in k for s in VOLATILE_METRICS) and k != "hub_commit"}
     manifest_path = folder / "tokplug.json"
     manifest = {}
     if manifest_path.is_file():
-        manifest = {k: v for k, v in json.loads(manifest_path.read_text()).items()
-                    if k not in ("library_versions", "hf_tokplug_version", "base_model")}
+        manifest = {k: v for k, v in _canonical(json.loads(manifest_path.read_text()), root).items()
+                    if k != "base_model"}
     files = {
-        str(p.relative_to(folder)): _hash(p)
+        str(p.relative_to(folder)): _hash(p, root)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name not in VOLATILE_FILES and not p.name.startswith(".")
     }
     return {"log": losses, "metrics": metrics, "manifest": manifest, "files": files}
 
 
-def run_all(out: Path, only: list[str] | None) -> None:
-    root = Path(tempfile.mkdtemp(prefix="tokplug-compare-"))
+def run_all(out: Path, only: list[str] | None, root: Path | None = None) -> None:
+    """Run (or, with ``root``, only fingerprint the runs already under ``root``) and write the summary to ``out``."""
+    rerun = root is None
+    root = root or Path(tempfile.mkdtemp(prefix="tokplug-compare-"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     results = {}
     for name, recipe, overrides in RUNS:
@@ -99,8 +128,8 @@ def run_all(out: Path, only: list[str] | None) -> None:
             continue
         args = [o.format(root=root) for o in overrides] + [f"output_dir={root}/{name}"]
         cmd = [sys.executable, "-m", "hf_tokplug.cli", "run", str(REPO / "recipes" / f"{recipe}.yaml"), *args]
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True) if rerun else None
+        if proc is not None and proc.returncode != 0:
             results[name] = {"error": proc.stderr[-2000:]}
             print(f"{name}: FAILED\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
@@ -132,12 +161,13 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("out", type=Path)
     r.add_argument("--only", nargs="*")
+    r.add_argument("--root", type=Path, default=None, help="fingerprint the runs already under this folder")
     d = sub.add_parser("diff")
     d.add_argument("before", type=Path)
     d.add_argument("after", type=Path)
     args = parser.parse_args()
     if args.cmd == "run":
-        run_all(args.out, args.only)
+        run_all(args.out, args.only, args.root)
         return 0
     return diff(args.before, args.after)
 

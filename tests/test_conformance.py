@@ -4,7 +4,9 @@ Per plugin (parametrized over the ``hf_tokplug`` entry points): apply it, train 
 ``hf_tokplug.from_pretrained`` and get identical outputs; configured to do nothing (``test_configs["noop"]``) it
 gives the unpatched per-step losses and final weights; combined with the tutorial plugin it still trains.
 A plugin adds its own case by declaring ``test_configs = {"noop": {...}, "active": {...}}`` and, when it needs
-another task or model, ``test_recipe = {...}`` (merged into the base recipe).
+another kind of task, ``test_traits = {...}``: the traits it needs (keyword arguments of ``TaskTraits.require``, e.g.
+``{"model_kind": "masked_lm"}``). The suite runs it on the first task below whose traits meet them (default: the
+causal-LM SFT task), so plugins never name tasks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import pytest
 import torch
 
 import hf_tokplug
-from hf_tokplug.manager import installed_plugins
+from hf_tokplug.errors import PluginError
+from hf_tokplug.manager import installed_plugins, registries
 
 from conftest import read_log, run_recipe
 
@@ -23,16 +26,36 @@ CASES = sorted(
 )
 PARTNER = "zloss"  # the tutorial plugin (docs/tutorial_plugin), installed through its entry point
 
-
-def _sections(name: str, config: dict, **extra) -> dict:
-    sections = dict(getattr(installed_plugins()[name].cls, "test_recipe", None) or {})
-    sections["plugins"] = {name: config, **extra.pop("partners", {})}
-    sections.update(extra)
-    return sections
+# Recipe sections per task on the embedded default (merged into conftest's 4-step base recipe), in preference order.
+TASK_SECTIONS = {
+    "causal_lm_sft": {},
+    "masked_diffusion_sft": {"task": "masked_diffusion_sft", "model": {"name_or_path": "toy://gemma-bidir"},
+                             "task_options": {"pad_to_length": 64}},
+    "sequence_classification": {"task": "sequence_classification", "model": {"name_or_path": "toy://bert"},
+                                "data": {"train": "toy://kjv-books", "max_samples": 64, "max_length": 64}},
+    "diffusion_lora": {"task": "diffusion_lora", "model": {"name_or_path": "toy://sd"}, "data": None,
+                       "task_options": {"instance_data_dir": "toy://shapes/red-square",
+                                        "instance_prompt": "a photo of sks square", "resolution": 32}},
+}
 
 
 def _task(name: str) -> str:
-    return (getattr(installed_plugins()[name].cls, "test_recipe", None) or {}).get("task", "causal_lm_sft")
+    """The first task of TASK_SECTIONS whose traits meet the plugin's ``test_traits``."""
+    needs = getattr(installed_plugins()[name].cls, "test_traits", None) or {}
+    for task in TASK_SECTIONS:
+        try:
+            registries().runners[task].traits.require(name, **needs)
+        except PluginError:
+            continue
+        return task
+    raise AssertionError(f"no conformance task meets {name}'s test_traits {needs}")
+
+
+def _sections(name: str, config: dict, **extra) -> dict:
+    sections = dict(TASK_SECTIONS[_task(name)])
+    sections["plugins"] = {name: config, **extra.pop("partners", {})}
+    sections.update(extra)
+    return sections
 
 
 def _logits(ctx, text: str = "In the beginning God created") -> torch.Tensor:
@@ -85,7 +108,7 @@ def test_noop_config_gives_unpatched_numbers(tmp_path, name):
 
 @pytest.mark.parametrize("name", [c for c in CASES if c != PARTNER])
 def test_composes_with_tutorial_plugin(tmp_path, name):
-    if _task(name) not in ("causal_lm_sft", "masked_diffusion_sft"):
+    if not registries().runners[_task(name)].traits.token_labels:
         pytest.skip("the tutorial plugin (z-loss) needs a language model's token-level labels")
     active = installed_plugins()[name].cls.test_configs["active"]
     run_recipe(tmp_path, "both", **_sections(name, active, partners={PARTNER: {"weight": 0.1}}))

@@ -55,3 +55,20 @@ def test_template_without_generation_markers():
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     with pytest.raises(RecipeError, match="marks no assistant tokens"):
         tokenize_dataset(toy.load_toy_dataset("toy://kjv-chat").select(range(2)), tok, DataSpec(assistant_only_loss=True))
+
+
+def test_a_bare_data_file_loads_with_its_builder(tmp_path, recipe_file):
+    import json
+
+    from conftest import read_log
+    from hf_tokplug.cli import runner_for
+
+    path = tmp_path / "chat.jsonl"
+    rows = toy.load_toy_dataset("toy://kjv-chat", "train").select(range(16))
+    path.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
+    assert DataSpec(train=str(path)).train.model_dump(include={"path", "data_files"}) == {"path": "json",
+                                                                                          "data_files": str(path)}
+    assert DataSpec(train={"path": "x.csv", "split": "train"}).train.path == "csv"
+    runner = runner_for(str(recipe_file(data={"train": str(path), "max_samples": 16})), [])
+    runner.run()
+    assert [r for r in read_log(tmp_path / "out") if "loss" in r]

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -38,8 +35,7 @@ from typing import Any, Callable
 
 from ..errors import TokPlugError
 
-SCHEME = "toy://"
-ASSETS = Path(__file__).parent / "assets"
+from .common import ASSETS, SCHEME, build_once, cache_root, load_toy_tokenizer  # noqa: F401 (re-exported)
 BUILD_VERSION = 1  # bump when a builder changes, so stale caches are not reused
 
 
@@ -122,30 +118,6 @@ register_toy_model("gemma-bidir", _gemma_bidirectional,
 register_toy_model("qwen2", _qwen2, "Qwen2-style causal LM, 2 layers, hidden 64, tied embeddings")
 register_toy_model("bert", _bert, "BERT encoder, 2 layers, hidden 64 (sequence_classification adds its head)")
 register_toy_model("gpt-neox", _gpt_neox, "GPT-NeoX causal LM, 2 layers, hidden 64, untied embeddings")
-
-
-def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """Return ``target`` once ``target/marker`` exists; otherwise ``build(tmp)`` into a fresh folder beside it,
-    under a file lock (concurrent processes build once), then move it into place (never a half-built folder)."""
-    from filelock import FileLock
-
-    if (target / marker).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if (target / marker).is_file():
-            return target
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            build(tmp)
-            if not (tmp / marker).is_file():
-                raise TokPlugError(f"building {target.name} wrote no {marker}",
-                                   fix="under torch.distributed only rank 0 writes model files: resolve on the main "
-                                       "process first (hf_tokplug.toy.resolve does it in runs)")
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -249,17 +221,6 @@ def toy_name(name_or_path: str) -> str:
             fix=f"use one of: {', '.join(SCHEME + n for n in TOY_MODELS)}, a Hub id, or a local folder",
         )
     return name
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HF_TOKPLUG_CACHE", Path.home() / ".cache" / "hf_tokplug"))
-
-
-def load_toy_tokenizer() -> Any:
-    """The toy models' tokenizer (``toy://tokenizer/kjv-bpe``)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(ASSETS))
 
 
 def toy_config(name_or_path: str) -> Any:

@@ -28,7 +28,7 @@ def _build_sd() -> Any:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from . import load_toy_tokenizer
+    from .common import load_toy_tokenizer
 
     tok = load_toy_tokenizer()
     tok.model_max_length = 77
@@ -51,7 +51,7 @@ def _build_sd() -> Any:
 
 def pipeline_path(name: str) -> Path:
     """Build (once, under a file lock) and cache a toy pipeline; return its folder."""
-    from . import ASSETS, build_once, cache_root
+    from .common import ASSETS, build_once, cache_root
 
     if name not in PIPELINES:
         raise TokPlugError(f"unknown embedded pipeline toy://{name}", fix=f"use one of: {', '.join('toy://' + n for n in PIPELINES)}")
@@ -66,7 +66,7 @@ def shapes_path(name: str, count: int = 4, size: int = 64) -> Path:
 
     from PIL import Image, ImageDraw
 
-    from . import cache_root
+    from .common import cache_root
 
     colour, _, shape = name.partition("-")
     if colour not in COLOURS or shape not in SHAPES:

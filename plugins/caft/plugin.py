@@ -11,7 +11,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from hf_tokplug.plugin import Plugin, PluginError, TokenLoss, hookimpl, local_folder, peft_base
+from hf_tokplug.plugin import Plugin, PluginError, TokenLoss, hookimpl, local_folder, peft_base, write_json_atomic
 
 from .config import CAFTConfig
 from .heads import CAFTHeads, build_heads, head_losses
@@ -73,7 +73,7 @@ class CAFTPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        where = f"plugins.{self.name}"
+        where = self.where
         if ctx.traits is not None:  # heads predict token t+1+i from a causal LM's states, scored on token labels
             ctx.traits.require(self.name, task=ctx.task, model_kind="causal_lm", token_labels=True)
         if not self.active:
@@ -142,7 +142,7 @@ class CAFTPlugin(Plugin):
     def load_heads(self, heads: CAFTHeads, folder: Path, base: Any) -> None:
         meta_path, weights = folder / META_FILE, folder / HEADS_FILE
         if not weights.is_file():
-            raise PluginError(f"no {HEADS_FILE} in {folder}", where=f"plugins.{self.name}.heads_path",
+            raise PluginError(f"no {HEADS_FILE} in {folder}", where=f"{self.where}.heads_path",
                               fix="point heads_path at the output folder of a Stage A (stage: heads) run")
         saved = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         mine = self.meta(base)
@@ -150,7 +150,7 @@ class CAFTPlugin(Plugin):
                  if k in saved and saved[k] != mine[k]}
         if clash:
             raise PluginError(f"heads in {folder} do not fit this model/config: {clash} (saved, here)",
-                              where=f"plugins.{self.name}.heads_path", fix="train heads for this model and config")
+                              where=f"{self.where}.heads_path", fix="train heads for this model and config")
         heads.load_state_dict(load_file(str(weights), device=str(base.get_output_embeddings().weight.device)))
 
     # ------------------------------------------------------------------------------------------------ loss
@@ -199,7 +199,7 @@ class CAFTPlugin(Plugin):
             return
         save_file({k: v.detach().contiguous() for k, v in self.heads.state_dict().items()},
                   os.path.join(output_dir, HEADS_FILE))
-        Path(output_dir, META_FILE).write_text(json.dumps(self.meta(peft_base(ctx.model)), indent=2))
+        write_json_atomic(Path(output_dir, META_FILE), self.meta(peft_base(ctx.model)))
         ctx.add_state_file(self.name, HEADS_FILE)
         ctx.add_state_file(self.name, META_FILE)
 

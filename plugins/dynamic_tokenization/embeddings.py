@@ -142,16 +142,17 @@ def piece_table(model: Any, output_head: bool) -> torch.Tensor:
 
 def save_hypernet(net: HyperNetwork, folder: Any, **meta: Any) -> None:
     """``hypernet.safetensors`` (weights; the frozen piece table is not saved) + ``hypernet.json``."""
-    import json
     from pathlib import Path
 
     from safetensors.torch import save_file
+
+    from hf_tokplug.plugin import write_json_atomic
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(folder / HYPERNET_FILE))
     info = {"config": net.config_dict(), "vocab_rows": int(net.table.shape[0]), **meta}
-    (folder / HYPERNET_META).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(folder / HYPERNET_META, info)
 
 
 def load_hypernet(folder: Any, model: Any) -> HyperNetwork:

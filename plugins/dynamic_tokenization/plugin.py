@@ -48,8 +48,7 @@ class DynamicTokenizationPlugin(Plugin):
   year={2025}
 }"""
     test_configs = {"noop": {"merges": 0}, "active": {"merges": [0, 30], "eval_merges": 10}}
-    test_recipe = {"task": "sequence_classification", "model": {"name_or_path": "toy://bert"},
-                   "data": {"train": "toy://kjv-books", "max_samples": 64, "max_length": 64}}
+    test_traits = {"model_kind": "encoder", "token_labels": False, "trains": True}  # conformance: an encoder task
 
     def __init__(self, name: str, config: DynamicTokenizationConfig):
         super().__init__(name, config)
@@ -71,7 +70,7 @@ class DynamicTokenizationPlugin(Plugin):
 
     @hookimpl
     def tokplug_validate(self, ctx):
-        where = f"plugins.{self.name}"
+        where = self.where
         traits = ctx.traits
         if traits is not None and self.config.active and (traits.token_labels or traits.model_kind == "diffusion_unet"):
             # merging changes sequence lengths: token-level labels would no longer line up
@@ -79,8 +78,8 @@ class DynamicTokenizationPlugin(Plugin):
             raise PluginError(
                 f"dynamic tokenization changes sequence lengths, so it cannot serve task {ctx.task!r} ({what})",
                 where=where,
-                fix="use a task without token-level labels on a language model (sequence_classification for "
-                    "encoders; dyntok_hypernet or dyntok_generate for decoders), or set merges: 0",
+                fix="use a task without token-level labels (sequence classification with an encoder; "
+                    "dyntok_hypernet or dyntok_generate for decoders), or set merges: 0",
             )
         if self.config.embedding == "hypernet" and self.config.hypernet_path is None:
             raise PluginError("embedding: hypernet needs a trained hypernetwork", where=f"{where}.hypernet_path",
@@ -93,7 +92,7 @@ class DynamicTokenizationPlugin(Plugin):
     def tokplug_prepare_tokenizer(self, ctx, tokenizer):
         if not getattr(tokenizer, "is_fast", False):
             raise PluginError(f"dynamic tokenization needs a fast (Rust) tokenizer for offsets; got {type(tokenizer).__name__}",
-                              where=f"plugins.{self.name}", fix="load the tokenizer with use_fast=True")
+                              where=self.where, fix="load the tokenizer with use_fast=True")
 
     # ------------------------------------------------------------------------------------------------ model
 

@@ -34,8 +34,7 @@ class RainbowPaddingPlugin(Plugin):
   year={2026}
 }"""
     test_configs = {"noop": {"num_pads": 0}, "active": {"num_pads": 3}}
-    test_recipe = {"task": "masked_diffusion_sft", "model": {"name_or_path": "toy://gemma-bidir"},
-                   "task_options": {"pad_to_length": 64}}
+    test_traits = {"model_kind": "masked_lm", "batch_fields": ("pad_mask",)}  # conformance: a masked-diffusion task
 
     @property
     def tokens(self) -> list[str]:
@@ -50,7 +49,7 @@ class RainbowPaddingPlugin(Plugin):
             ctx.traits.require(self.name, task=ctx.task, model_kind="masked_lm", token_labels=True,
                                batch_fields=("pad_mask",))
         if "{i}" not in self.config.token_format:
-            raise PluginError("token_format must contain {i}", where=f"plugins.{self.name}.token_format")
+            raise PluginError("token_format must contain {i}", where=f"{self.where}.token_format")
 
     @hookimpl
     def tokplug_prepare_tokenizer(self, ctx, tokenizer):
@@ -73,7 +72,7 @@ class RainbowPaddingPlugin(Plugin):
             batch = collator(examples)
             if "pad_mask" not in batch:
                 raise PluginError("rainbow padding needs a collator that marks padding (pad_mask): a task whose "
-                                  "traits list pad_mask in batch_fields", where=f"plugins.{self.name}",
+                                  "traits list pad_mask in batch_fields", where=self.where,
                                   fix="use the masked-diffusion SFT task's collator, or one that returns pad_mask")
             return fill_rainbow(batch, pad_ids, start)
 

@@ -196,13 +196,13 @@ def read_meta(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise PluginError(f"{folder} is not a TARA adapter (no {META_FILE})",
-                          fix="point at the output folder of a diffusion_lora run with the tara plugin")
+                          fix="point at the output folder of a diffusion LoRA run trained with the tara plugin")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _local(folder: str) -> Path:
     return local_folder(folder, what="TARA adapter", where="plugins.tara.compose",
-                        fix="give the output folder of a diffusion_lora run with the tara plugin, or a Hub repo id")
+                        fix="give the output folder of a diffusion LoRA run trained with the tara plugin, or a Hub repo id")
 
 
 def fuse_unmasked(unet: Any, adapters: list[str]) -> int:

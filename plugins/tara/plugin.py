@@ -3,13 +3,12 @@ metadata, and training-free composition of several TARA adapters in a Diffusers 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hf_tokplug.plugin import SD_ATTENTION_TARGETS, Plugin, PluginError, hookimpl
+from hf_tokplug.plugin import SD_ATTENTION_TARGETS, Plugin, PluginError, hookimpl, write_json_atomic
 
 from .config import TARAConfig
 from .masking import (META_FILE, MaskState, compose, cross_attention_layers, install, patch_pipeline, read_meta,
@@ -28,11 +27,7 @@ class TARAPlugin(Plugin):
         "noop": {"rare_token": "sks", "class_word": "square", "mask": False, "align_weight": 0.0},
         "active": {"rare_token": "sks", "class_word": "square"},
     }
-    test_recipe = {
-        "task": "diffusion_lora", "model": {"name_or_path": "toy://sd"}, "data": None,
-        "task_options": {"instance_data_dir": "toy://shapes/red-square", "instance_prompt": "a photo of sks square",
-                         "resolution": 32},
-    }
+    test_traits = {"model_kind": "diffusion_unet", "trains": True}  # conformance: a diffusion training task
 
     def __init__(self, name: str, config: TARAConfig | None = None):
         super().__init__(name, config)
@@ -40,10 +35,6 @@ class TARAPlugin(Plugin):
         self.captured: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self.class_variants: list[list[int]] | None = None
         self.rare_variants: list[list[int]] | None = None
-
-    @property
-    def where(self) -> str:
-        return f"plugins.{self.name}"
 
     @property
     def training(self) -> bool:
@@ -81,7 +72,7 @@ class TARAPlugin(Plugin):
         for ref in c.compose:
             if ref.startswith((".", "/", "~")) and not (Path(ref).expanduser() / META_FILE).is_file():
                 raise PluginError(f"{ref} is not a TARA adapter folder (no {META_FILE})", where=f"{self.where}.compose",
-                                  fix="list output folders of diffusion_lora runs with the tara plugin")
+                                  fix="list output folders of diffusion LoRA runs trained with the tara plugin")
 
     # ------------------------------------------------------------------------------------------------ training
 
@@ -159,7 +150,7 @@ class TARAPlugin(Plugin):
     def tokplug_save(self, ctx, output_dir):
         if not self.training or ctx.model is None:
             return
-        Path(output_dir, META_FILE).write_text(json.dumps(self.meta(ctx), indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(Path(output_dir, META_FILE), self.meta(ctx))
         ctx.add_state_file(self.name, META_FILE)
 
     @hookimpl

@@ -11,7 +11,7 @@ import torch
 from pydantic import ValidationError
 
 from hf_tokplug.plugin import (Plugin, PluginError, TokPlugError, check_toy_location, hookimpl, is_tied,
-                               load_tokenizer)
+                               load_tokenizer, write_json_atomic)
 
 from .config import TokenAdaptConfig
 from .transplant import (
@@ -38,10 +38,6 @@ class TokenAdaptPlugin(Plugin):
         self.report: TransplantReport | None = None
         self.scores: dict[str, float] = {}
         self.texts: list[str] = []  # the held-out texts, loaded once
-
-    @property
-    def where(self) -> str:
-        return f"plugins.{self.name}"
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -182,7 +178,7 @@ class TokenAdaptPlugin(Plugin):
         if self.report is None:
             return
         data = {"report": self.report.to_json(), "scores": self.scores}
-        Path(output_dir, REPORT_FILE).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(Path(output_dir, REPORT_FILE), data)
         ctx.add_state_file(self.name, REPORT_FILE)
 
     @hookimpl

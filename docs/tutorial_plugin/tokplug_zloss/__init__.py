@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 from pydantic import Field
 
-from hf_tokplug.plugin import Plugin, PluginConfig, TokenLoss, hookimpl
+from hf_tokplug.plugin import Plugin, PluginConfig, TokenLoss, hookimpl, write_json_atomic
 
 
 class ZLossConfig(PluginConfig):
@@ -73,8 +74,8 @@ class ZLossPlugin(Plugin):
 
     @hookimpl
     def tokplug_save(self, ctx, output_dir):
-        with open(os.path.join(output_dir, "zloss_state.json"), "w", encoding="utf-8") as f:
-            json.dump({"log_z_sum": self.log_z_sum, "log_z_count": self.log_z_count}, f)
+        state = {"log_z_sum": self.log_z_sum, "log_z_count": self.log_z_count}
+        write_json_atomic(Path(output_dir, "zloss_state.json"), state)  # readers never see half a file
         ctx.add_state_file(self.name, "zloss_state.json")
 
     @hookimpl
