@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from hf_tokplug.cli import runner_for
-from hf_tokplug.runners.diffusion_lora import load_pipeline
+from hf_tokplug.modeling import load_pipeline
 from hf_tokplug_plugins.tara import compose, token_mask
 from hf_tokplug_plugins.tara.masking import read_meta, word_ids
 from hf_tokplug_plugins.tara.testing import capture_kv

@@ -115,7 +115,20 @@ def add_tokens(
 ) -> list[int]:
     """Add ``tokens`` to ``tokenizer`` (skipping ones it already has) and record them on ``ctx``.
 
-    Returns the ids of all ``tokens``, in order. Rows are created later, when the model is prepared.
+    Call it from ``tokplug_prepare_tokenizer``. Rows are created later, when the model is prepared: the host resizes
+    the embeddings (and an untied LM head) and fills the new rows with the ``init`` strategy.
+
+    Args:
+        plugin: who adds them (your ``self.name``): recorded in tokplug.json and shown by ``tokplug preview``.
+        special: add them as special tokens (never split; ``skip_special_tokens`` drops them when decoding).
+        init: a registered token-init strategy (``mean``, ``normal``, ``copy``, or one a plugin registers).
+        init_options: keyword arguments of the strategy; JSON-serialisable (saved in tokplug.json), e.g.
+            ``{"token": tokenizer.eos_token, "noise_std": 0.01}`` for ``copy``.
+        trainable: under LoRA, the rows train (PEFT ``trainable_token_indices``; an untied head in
+            ``modules_to_save``).
+
+    Returns:
+        The ids of all ``tokens``, in order (tokens the tokenizer already had keep their ids and are not recorded).
     """
     if init not in ctx.token_inits:
         raise PluginError(

@@ -60,14 +60,17 @@ def outside_package():
         yield
 
 
-@pytest.mark.parametrize("plugins", [{"zloss": {"weight": 0.1}},
-                                     {"caft": {"num_heads": 2, "train_heads": True, "alpha": 0.1}}])
-def test_plugins_whose_needs_the_traits_meet_work(tmp_path, plugins):
+@pytest.mark.parametrize("plugins, logs", [
+    ({"zloss": {"weight": 0.1}}, True),
+    ({"caft": {"num_heads": 2, "train_heads": True, "alpha": 0.1}}, True),
+    ({"tokenadapt": {"tokenizer": "toy://tokenizer/kjv-bpe-3k", "input_init": "fvt", "eval": {"data": None}}}, False),
+])
+def test_plugins_whose_needs_the_traits_meet_work(tmp_path, plugins, logs):
     runner, metrics = run_recipe(tmp_path, "run", **SECTIONS, plugins=plugins)
     assert metrics["train_loss"] > 0
     name = next(iter(plugins))
     rows = [r for r in read_log(tmp_path / "run") if "loss" in r]
-    assert rows and all(any(k.startswith(f"{name}/") for k in r) for r in rows)  # its loss terms were added
+    assert rows and all(any(k.startswith(f"{name}/") for k in r) == logs for r in rows)  # its terms / metrics
     restored = hf_tokplug.from_pretrained(tmp_path / "run")
     assert restored.task == "outside_plain_lm" and list(restored.plugins) == [name]
 

@@ -11,7 +11,7 @@ import torch
 
 import hf_tokplug
 from hf_tokplug.cli import main
-from hf_tokplug.runners.diffusion_lora import load_pipeline
+from hf_tokplug.plugin import load_pipeline
 from hf_tokplug_plugins.tara import compose, token_mask
 from hf_tokplug_plugins.tara.masking import word_ids
 from hf_tokplug_plugins.tara.testing import capture_kv, random_adapter
