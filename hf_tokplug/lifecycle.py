@@ -33,6 +33,7 @@ from .callback import TokPlugCallback, save_plugin_state
 from .context import RunContext
 from .errors import TokPlugError
 from .hub import push_folder, read_manifest, save_run
+from .inference import prepare_pipeline
 from .modeling import output_module_name, peft_base
 from .tokens import AddedToken, resize_and_init, trainable_token_ids
 from .traits import TaskTraits
@@ -60,8 +61,6 @@ class Run(RunContext):
 
     def prepare_pipeline(self, pipeline: Any) -> Any:
         """Run the ``tokplug_prepare_pipeline`` chain over a Diffusers pipeline (e.g. TARA composition)."""
-        from .inference import prepare_pipeline
-
         return prepare_pipeline(self, pipeline)
 
     def save_pretrained(self, output_dir: str | os.PathLike, **kwargs: Any) -> Path:
@@ -305,7 +304,7 @@ def apply(
                            fix="pass one of the registered tasks, or leave task unset")
     ctx = Run.create(plugins or {}, seed=seed)
     ctx.task = task or infer_task(model)
-    ctx.traits = runners[ctx.task].traits if ctx.task else None
+    ctx.traits = getattr(runners[ctx.task], "traits", None) if ctx.task else None
     ctx.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
     ctx.call("tokplug_validate")
     build_tokenizer(ctx, tokenizer)
@@ -362,7 +361,7 @@ def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = N
             f"{folder / 'tokplug.json'}: task {ctx.task!r} is not available",
             fix="install the plugin that provides the task (for hf_tokplug.apply, pass task=...)",
         )
-    ctx.traits = runners[ctx.task].traits
+    ctx.traits = getattr(runners[ctx.task], "traits", None)
     runners[ctx.task].load_pretrained(ctx, folder, data)
     for entry in data["plugins"]:
         ctx.state_files[entry["name"]] = list(entry.get("state_files", []))

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import lifecycle, manager, toy
-from .errors import RecipeError
+from .errors import PluginError, RecipeError
 from .lifecycle import Run, has_accelerator, jsonable
 from .recipe import Recipe, dump_resolved
 from .traits import TaskTraits
@@ -51,7 +51,7 @@ class Runner:
     """
 
     task: ClassVar[str]
-    traits: ClassVar[TaskTraits] = TaskTraits(model_kind="causal_lm", generates="text")
+    traits: ClassVar[TaskTraits]  # required: what the task is
     description: ClassVar[str] = ""
     needs_data: ClassVar[bool] = True
     auto_class: ClassVar[str] = "AutoModelForCausalLM"
@@ -104,14 +104,19 @@ class Runner:
 
     def resolve_traits(self) -> TaskTraits:
         """This run's traits (the class's ``traits``; a task whose model kind follows the recipe overrides it)."""
-        return self.traits
+        traits = getattr(type(self), "traits", None)
+        if not isinstance(traits, TaskTraits):
+            raise PluginError(f"task {self.task!r} ({type(self).__module__}.{type(self).__qualname__}) declares no "
+                              "traits", fix="set `traits = TaskTraits(model_kind=..., ...)` on the runner class "
+                              "(docs/writing-a-plugin.md, 'Adding a task')")
+        return traits
 
     def check(self, offline: bool) -> None:
         """The task's checks before anything loads: model/task fit, data, trainer arguments, the adapter block."""
         self.check_model(offline)
         self.check_data()
         self.check_train_args()
-        if self.traits.adapter == "none" and self.recipe.adapter is not None:
+        if self.resolve_traits().adapter == "none" and self.recipe.adapter is not None:
             raise RecipeError(f"task {self.task!r} trains no adapter", where=f"{self.source}: adapter",
                               fix="remove the adapter block (~adapter)")
 

@@ -85,3 +85,16 @@ def test_other_plugins_name_the_missing_trait(tmp_path, plugins, trait):
         run_recipe(tmp_path, "run", **SECTIONS, plugins=plugins)
     assert "outside_plain_lm" in str(err.value)
     assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_a_task_without_traits_is_refused_clearly(tmp_path):
+    assert "traits" not in vars(Runner)  # the base class declares none: each task must
+
+    class BareTasks(Plugin):
+        @staticmethod
+        @hookimpl
+        def tokplug_register_runners(register):
+            register("outside_bare", type("Bare", (Runner,), {"task": "outside_bare"}))
+
+    with manager.registered("bare_tasks", BareTasks), pytest.raises(PluginError, match="declares no traits"):
+        run_recipe(tmp_path, "run", **{**SECTIONS, "task": "outside_bare"})
