@@ -332,7 +332,7 @@ def tokplug_wrap_collator(ctx: RunContext, collator: Callable[[list[dict]], dict
 
 
 @_spec("train", "merge")
-def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any) -> dict[str, Any] | None:
+def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any, batch: Any) -> dict[str, Any] | None:
     """Return named extra loss terms for this micro-batch, already weighted: ``{"name": value}``.
 
     A value is a scalar tensor (a mean over this micro-batch, divided by the accumulation steps when the trainer
@@ -343,8 +343,12 @@ def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any) 
     ``sum / count``, a per-token mean. ``outputs`` is a :class:`hf_tokplug.plugin.ForwardCapture` with the main
     loss, the model's own output, the backbone's last hidden state and ``shift`` (the task's
     ``traits.label_shift``: output t is scored against label t + shift; 1 for causal LMs, 0 for masked-diffusion
-    LMs). Return ``None`` or ``{}`` to add nothing. Metrics that are not losses: ``self.log(ctx, name, value,
-    split)`` (logged as ``<plugin>/<name>``; pass ``split="train" if model.training else "eval"``).
+    LMs). ``batch`` is a :class:`hf_tokplug.plugin.TokenBatch`, the same view whichever trainer runs (SFT, DPO,
+    reward, GRPO, a plain ``Trainer``): ``batch.labels`` (input frame, ``-100`` where nothing is scored),
+    ``batch.scored`` / ``batch.targets`` (output frame), ``batch.roles`` (``sft``, ``chosen``, ``rejected``,
+    ``policy``), ``batch.advantages``; read it rather than trainer-specific keys of ``inputs`` (a DPO batch has no
+    ``labels``). Return ``None`` or ``{}`` to add nothing. Metrics that are not losses: ``self.log(ctx, name,
+    value, split)`` (logged as ``<plugin>/<name>``; pass ``split="train" if model.training else "eval"``).
 
     Fires: on every training and evaluation micro-batch, after the main loss is computed (tasks whose traits
     have ``trainer=True``).
@@ -354,11 +358,9 @@ def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any) 
     Example::
 
         @hf_tokplug.hookimpl
-        def tokplug_loss_terms(self, ctx, model, inputs, outputs):
-            shift = outputs.shift
-            hidden = outputs.last_hidden_state[:, : outputs.last_hidden_state.shape[1] - shift]  # (B, T-shift, H)
-            mask = inputs["labels"][:, shift:] != -100  # (B, T-shift)
-            per_token = self.head_loss(hidden, inputs["labels"])  # (B, T-shift), your own computation
+        def tokplug_loss_terms(self, ctx, model, inputs, outputs, batch):
+            mask = batch.scored  # (B, T): output positions the trainer scores
+            per_token = self.head_loss(outputs.last_hidden_state, batch.targets)  # (B, T), your own computation
             self.log(ctx, "tokens", float(mask.sum()), "train" if model.training else "eval")
             return {"head_1": hf_tokplug.TokenLoss(self.config.weight * per_token[mask].sum(), mask.sum())}
     """

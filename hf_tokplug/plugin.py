@@ -13,7 +13,7 @@ Writing a plugin:
 Tokens and rows:
     add_tokens, AddedToken, TokenInitRequest   add tokens (``tokplug_prepare_tokenizer``); token-init strategies
 Training:
-    TokenLoss, ForwardCapture  loss terms (``tokplug_loss_terms``) and what they receive
+    TokenLoss, ForwardCapture, TokenBatch   loss terms (``tokplug_loss_terms``) and what they receive
 Models:
     unwrap, peft_base, is_peft, is_tied, output_module_name      facts about (wrapped) models
     SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora          Stable Diffusion LoRA targets, pipelines, LoRA files
@@ -96,6 +96,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "TokenInitRequest": ("tokens", "TokenInitRequest"),
     "TokenLoss": ("training", "TokenLoss"),
     "ForwardCapture": ("training", "ForwardCapture"),
+    "TokenBatch": ("training", "TokenBatch"),
     "unwrap": ("modeling", "unwrap"),
     "peft_base": ("modeling", "peft_base"),
     "is_peft": ("modeling", "is_peft"),

@@ -52,6 +52,102 @@ class ForwardCapture:
     shift: int = 1
 
 
+# Trainer families whose batches stack two completions per example: rows [0, B/2) chosen, [B/2, B) rejected.
+PAIRED_TRAINERS = ("DPOTrainer", "RewardTrainer")
+# Trainer families whose rows are sampled completions scored by an advantage.
+POLICY_TRAINERS = ("GRPOTrainer", "RLOOTrainer")
+
+
+@dataclass
+class TokenBatch:
+    """A trainer-independent view of the batch one forward runs on: what ``tokplug_loss_terms`` (argument
+    ``batch``) and every per-token hook read instead of trainer-specific keys.
+
+    Attributes:
+        labels: ``(B, T)`` the target id of each *input* position, ``-100`` where the trainer scores nothing
+            (prompts, padding): HF's label convention, whatever the trainer (SFT labels; the completion tokens of
+            DPO's chosen and rejected rows; GRPO's sampled completions). All ``-100`` for batches without token
+            targets (a reward model's pairs).
+        shift: the output at position t is scored against ``labels[:, t + shift]`` (the task's ``label_shift``:
+            1 causal, 0 masked diffusion).
+        roles: one per row: ``"sft"`` (a supervised example), ``"chosen"`` / ``"rejected"`` (a preference pair's
+            completions), ``"policy"`` (a sampled RL completion).
+        advantages: ``(B,)`` the advantage of each policy row (RL trainers), else ``None``.
+        attention_mask: ``(B, T)`` or ``None``.
+    """
+
+    labels: torch.Tensor
+    shift: int
+    roles: tuple[str, ...]
+    advantages: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """``(B, T)`` bool in the *output* frame: output position t is scored (``labels[:, t + shift] != -100``)."""
+        return self.targets != -100
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """``(B, T)`` in the output frame: the id output position t is scored against (``-100``: not scored)."""
+        if not self.shift:
+            return self.labels
+        pad = self.labels.new_full((self.labels.shape[0], self.shift), -100)
+        return torch.cat([self.labels[:, self.shift:], pad], dim=1)
+
+    def rows(self, *roles: str) -> torch.Tensor:
+        """``(B,)`` bool: the rows whose role is one of ``roles``."""
+        return torch.tensor([r in roles for r in self.roles], device=self.labels.device)
+
+    def only(self, *roles: str) -> TokenBatch:
+        """The same batch with the labels of rows of other roles set to ``-100`` (nothing scored there)."""
+        keep = self.rows(*roles)[:, None]
+        return TokenBatch(self.labels.masked_fill(~keep, -100), self.shift, self.roles, self.advantages,
+                          self.attention_mask)
+
+
+def _family(trainer: Any) -> str | None:
+    names = {cls.__name__ for cls in type(trainer).__mro__}
+    if names & set(PAIRED_TRAINERS):
+        return "paired"
+    if names & set(POLICY_TRAINERS):
+        return "policy"
+    return None
+
+
+def token_batch(trainer: Any, inputs: dict[str, Any], traits: Any = None) -> TokenBatch:
+    """The :class:`TokenBatch` of ``inputs``, whichever trainer built them (SFT / Trainer labels, DPO's completion
+    mask, GRPO's prompt + completion ids, a reward model's pairs)."""
+    shift = traits.label_shift if traits is not None and traits.label_shift is not None else 1
+    ids = inputs.get("input_ids")
+    mask = inputs.get("attention_mask")
+    advantages = None
+    if torch.is_tensor(inputs.get("prompt_ids")) and torch.is_tensor(inputs.get("completion_ids")):  # GRPO / RLOO
+        prompt, completion = inputs["prompt_ids"], inputs["completion_ids"]
+        completion_mask = inputs.get("completion_mask", torch.ones_like(completion))
+        labels = torch.cat([torch.full_like(prompt, -100), completion.masked_fill(completion_mask == 0, -100)], dim=1)
+        prompt_mask = inputs.get("prompt_mask", torch.ones_like(prompt))
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        advantages = inputs.get("advantages")
+    elif torch.is_tensor(ids) and torch.is_tensor(inputs.get("labels")) and inputs["labels"].shape == ids.shape:
+        labels = inputs["labels"]  # SFT, masked diffusion, any Trainer with token labels
+    elif torch.is_tensor(ids) and torch.is_tensor(inputs.get("completion_mask")):  # DPO-style pairs
+        labels = ids.masked_fill(inputs["completion_mask"] == 0, -100)
+    elif torch.is_tensor(ids):  # no token targets (sequence labels, reward pairs)
+        labels = torch.full_like(ids, -100)
+    else:
+        raise ValueError(f"cannot read a token batch from keys {sorted(inputs)}")
+    family = _family(trainer)
+    rows = labels.shape[0]
+    if family == "paired":
+        roles = ("chosen",) * (rows // 2) + ("rejected",) * (rows - rows // 2)
+    elif family == "policy":
+        roles = ("policy",) * rows
+    else:
+        roles = ((traits.roles[0] if traits is not None else "sft"),) * rows
+    return TokenBatch(labels, shift, roles, advantages, mask)
+
+
 def _backbone(model: Any) -> Any | None:
     base = getattr(model, "base_model", None)
     return base if base is not None and base is not model else None
@@ -66,9 +162,13 @@ def _hidden(output: Any) -> torch.Tensor | None:
 
 
 def _tokens_seen(inputs: dict[str, Any]) -> Any:
-    """Real tokens in a batch (attention mask sum, else the ids' size); ``None`` for batches without token ids."""
+    """Real tokens in a batch (attention mask sum; GRPO's prompt + completion masks; else the ids' size); ``None``
+    for batches without token ids. Never assumes a key."""
     if torch.is_tensor(inputs.get("attention_mask")):
         return inputs["attention_mask"].sum().detach()
+    masks = [inputs[k] for k in ("prompt_mask", "completion_mask") if torch.is_tensor(inputs.get(k))]
+    if masks and torch.is_tensor(inputs.get("completion_ids")):
+        return sum(m.sum() for m in masks).detach()
     if torch.is_tensor(inputs.get("input_ids")):
         return inputs["input_ids"].numel()
     return None
@@ -105,6 +205,7 @@ def compute_loss_with_terms(
     if not ctx.hooks.has("tokplug_loss_terms"):
         return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
+    batch = token_batch(trainer, inputs, ctx.traits)  # before the trainer's own compute_loss changes `inputs`
     captured: dict[str, Any] = {}
     unwrapped = unwrap(model)
     backbone = _backbone(unwrapped)
@@ -129,7 +230,7 @@ def compute_loss_with_terms(
     traits = ctx.traits
     shift = traits.label_shift if traits is not None and traits.label_shift is not None else 1
     capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"), shift)
-    terms = ctx.call("tokplug_loss_terms", model=model, inputs=inputs, outputs=capture)
+    terms = ctx.call("tokplug_loss_terms", model=model, inputs=inputs, outputs=capture, batch=batch)
     if terms:
         scaled = _loss_scaled_for_ga(trainer, num_items_in_batch)
         steps = getattr(trainer, "current_gradient_accumulation_steps", 1) or 1

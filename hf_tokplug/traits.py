@@ -43,6 +43,8 @@ class TaskTraits:
         adapter: ``optional`` (a recipe's ``adapter:`` block adds LoRA), ``required`` (the task always trains an
             adapter) or ``none`` (an ``adapter:`` block is an error).
         generates: what the task itself produces: ``"text"``, ``"images"`` or ``None``.
+        roles: the roles its batch rows take (:class:`hf_tokplug.plugin.TokenBatch`): ``"sft"``, ``"chosen"`` /
+            ``"rejected"`` (preference pairs), ``"policy"`` (RL samples); ``("sft",)`` by default.
     """
 
     model_kind: str
@@ -54,6 +56,7 @@ class TaskTraits:
     builds_model: bool = True
     adapter: str = "optional"
     generates: str | None = None
+    roles: tuple[str, ...] = ("sft",)
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:

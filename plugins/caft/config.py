@@ -38,6 +38,8 @@ class CAFTConfig(PluginConfig):
         chunk_size: positions per chunk when a head's logits are computed (memory: chunk x vocab).
         checkpoint_heads: recompute each head's layer in backward instead of storing its activations (one extra
             head forward per step; without it, n transformer heads keep n decoder layers' activations).
+        roles: the batch rows whose tokens train the heads (``TokenBatch.roles``): supervised examples and a
+            preference pair's chosen completions by default; add ``rejected`` or ``policy`` deliberately.
     """
 
     stage: Literal["heads", "finetune"] = Field("finetune", description="heads (Stage A) or finetune (Stage B).")
@@ -54,6 +56,8 @@ class CAFTConfig(PluginConfig):
     keep_heads: bool = Field(False, description="Save the heads with the final model.")
     chunk_size: int = Field(1024, ge=1, description="Positions per logits chunk.")
     checkpoint_heads: bool = Field(True, description="Recompute head layers in backward to save memory.")
+    roles: list[Literal["sft", "chosen", "rejected", "policy"]] = Field(
+        default_factory=lambda: ["sft", "chosen"], min_length=1, description="Batch rows whose tokens train the heads.")
 
     @property
     def weight(self) -> float:

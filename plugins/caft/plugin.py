@@ -156,7 +156,7 @@ class CAFTPlugin(Plugin):
     # ------------------------------------------------------------------------------------------------ loss
 
     @hookimpl
-    def tokplug_loss_terms(self, ctx, model, inputs, outputs):
+    def tokplug_loss_terms(self, ctx, model, inputs, outputs, batch):
         if not self.active or self.heads is None:
             return None
         if outputs.last_hidden_state is None:
@@ -164,8 +164,9 @@ class CAFTPlugin(Plugin):
         state = ctx.trainer.state if ctx.trainer is not None else None
         s = schedule_value(self.config.schedule_name, state.global_step, state.max_steps) if state else 1.0
         base = peft_base(ctx.model)
-        losses = head_losses(self.heads, base, outputs.last_hidden_state, inputs["labels"],
-                             inputs.get("attention_mask"), self.config.chunk_size, self.config.checkpoint_heads)
+        batch = batch.only(*self.config.roles)  # e.g. a preference pair's chosen completions only
+        losses = head_losses(self.heads, base, outputs.last_hidden_state, batch.labels, batch.attention_mask,
+                             self.config.chunk_size, self.config.checkpoint_heads)
         split = "train" if model.training else "eval"
         terms, selection = {}, 0.0
         for i, hl in enumerate(losses, start=1):

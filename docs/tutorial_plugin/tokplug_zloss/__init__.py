@@ -54,12 +54,13 @@ class ZLossPlugin(Plugin):
             ctx.traits.require(self.name, task=ctx.task, token_labels=True)
 
     @hookimpl
-    def tokplug_loss_terms(self, ctx, model, inputs, outputs):
+    def tokplug_loss_terms(self, ctx, model, inputs, outputs, batch):
         if self.config.weight == 0 or outputs.last_hidden_state is None:
             return None
-        shift = outputs.shift  # 1: position t predicts label t+1 (causal LM); 0: its own token (masked diffusion)
-        hidden = outputs.last_hidden_state[:, : outputs.last_hidden_state.shape[1] - shift]  # (B, T-shift, H)
-        mask = inputs["labels"][:, shift:] != -100  # (B, T-shift)
+        # batch.scored: the output positions the trainer scores, whatever the trainer (SFT labels, DPO's chosen and
+        # rejected completions, GRPO samples), already aligned by the task's label shift (1 causal, 0 diffusion)
+        hidden = outputs.last_hidden_state  # (B, T, H)
+        mask = batch.scored[:, -hidden.shape[1]:]  # (B, T)
         weight = ctx.model.get_output_embeddings().weight  # (V, H); PEFT wrappers resolve to the trained copy
         rows = hidden[mask]  # (N, H)
         total = rows.new_zeros(())
