@@ -33,6 +33,7 @@ Aggregation rules:
 | chain | each implementation gets the previous one's return value; `None` keeps the value unchanged |
 | extend | each returns a list (or `None`); the lists are concatenated |
 | merge | each returns a dict (or `None`); keys are namespaced `<plugin>/<key>` and merged |
+| product | each returns a tensor (or `None`); the tensors are multiplied |
 """
 
 

@@ -11,6 +11,8 @@ Aggregation rules (the ``rule`` of each spec, enforced by :class:`hf_tokplug.man
 - ``extend``: each implementation returns a list (or ``None``); the lists are concatenated.
 - ``merge``: each implementation returns a dict (or ``None``); keys are namespaced ``<plugin>/<key>`` and the
   dicts are merged (so two plugins never overwrite each other).
+- ``product``: each implementation returns a tensor (or ``None``); the tensors are multiplied (``None`` if all
+  returned ``None``).
 
 docs/hooks.md is generated from this module (``python scripts/gen_docs.py``; a test fails when it is stale). The
 run order that fires these hooks is :mod:`hf_tokplug.lifecycle`.
@@ -29,7 +31,7 @@ PROJECT = "hf_tokplug"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-RULES = ("broadcast", "first", "chain", "extend", "merge")
+RULES = ("broadcast", "first", "chain", "extend", "merge", "product")
 
 # name -> (phase, rule, chained argument or None)
 HOOK_RULES: dict[str, tuple[str, str, str | None]] = {}
@@ -363,6 +365,34 @@ def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any, 
             per_token = self.head_loss(outputs.last_hidden_state, batch.targets)  # (B, T), your own computation
             self.log(ctx, "tokens", float(mask.sum()), "train" if model.training else "eval")
             return {"head_1": hf_tokplug.TokenLoss(self.config.weight * per_token[mask].sum(), mask.sum())}
+    """
+
+
+@_spec("train", "product")
+def tokplug_token_weights(ctx: RunContext, batch: Any) -> Any:
+    """Return a weight per scored token of this micro-batch for the *main* loss, or ``None`` (all 1).
+
+    ``batch`` is the :class:`hf_tokplug.plugin.TokenBatch` of the forward (``batch.scored``, ``batch.targets``,
+    ``batch.roles``, ``batch.advantages``); return a ``(B, T)`` tensor in the same output frame (weights at
+    positions that are not scored are ignored). The host multiplies every plugin's weights and applies them inside
+    the task's own main loss, keeping the trainer's normalisation: SFT cross-entropy per token (divided by
+    ``num_items_in_batch`` as before), DPO's per-token log-probabilities before their sums (policy and reference,
+    so ``sum_t w_t (log pi - log pi_ref)``, whatever the loss type), GRPO's per-token policy term (exact on-policy,
+    ``num_iterations: 1``), the masked-diffusion LLaDA loss per masked token. All weights 1 gives the unweighted
+    losses exactly; a weight 0 removes exactly that token's gradient. Weights carry no gradient (they are
+    detached).
+
+    Fires: on every training and evaluation micro-batch, before the forward (tasks whose traits have
+    ``token_weights=True``; on your own trainer, TRL's SFT, DPO and GRPO trainers).
+    Rule: product (several plugins' weights multiply).
+
+    Example::
+
+        @hf_tokplug.hookimpl
+        def tokplug_token_weights(self, ctx, batch):
+            weights = torch.ones(batch.targets.shape, device=batch.targets.device)
+            weights[batch.targets == self.noise_id] = 0.0  # never learn to emit the noise token
+            return weights
     """
 
 

@@ -31,7 +31,7 @@ from typing import Any
 from . import manager
 from .callback import TokPlugCallback, save_plugin_state
 from .context import RunContext
-from .errors import TokPlugError
+from .errors import PluginError, TokPlugError
 from .hub import push_folder, read_manifest, save_run
 from .inference import prepare_pipeline
 from .modeling import output_module_name, peft_base
@@ -83,8 +83,21 @@ def validate(task: Any, offline: bool = False) -> RunContext:
     ctx = task.create_context()
     task.check(offline)
     ctx.traits = task.resolve_traits()
+    check_token_weights(ctx)
     ctx.call("tokplug_validate")
     return ctx
+
+
+def check_token_weights(ctx: RunContext) -> None:
+    """Plugins that weight the main loss per token need a task whose loss applies the weights."""
+    weighers = ctx.hooks.implementers("tokplug_token_weights")
+    if weighers and ctx.traits is not None and not ctx.traits.token_weights:
+        raise PluginError(
+            f"plugin(s) {weighers} weight the main loss per token (tokplug_token_weights), but task {ctx.task!r} does "
+            "not apply token weights (trait token_weights=False)",
+            where=f"plugins.{weighers[0]}",
+            fix="use a task whose main loss is per token (SFT, DPO, GRPO, masked diffusion), or remove the plugin",
+        )
 
 
 def build_tokenizer(ctx: RunContext, base: Any, task: Any = None) -> Any:
@@ -185,9 +198,31 @@ def build_trainer(ctx: RunContext, task: Any, data: dict[str, Any], collator: An
     return trainer_created(ctx, trainer)
 
 
+# Own trainers ctx.attach covers (and their subclasses): transformers' Trainer and these TRL trainers.
+ATTACHABLE = ("Trainer", "SFTTrainer", "DPOTrainer", "RewardTrainer", "GRPOTrainer")
+# ... of which these score tokens through per-token log-probabilities, where token weights apply.
+WEIGHTED = ("SFTTrainer", "DPOTrainer", "GRPOTrainer")
+
+
+def check_trainer(ctx: RunContext, trainer: Any) -> None:
+    """Refuse, at attach time, a trainer the host cannot serve (naming it and what is covered)."""
+    mro = type(trainer).__mro__
+    names = [cls.__name__ for cls in mro]
+    trl = next((cls.__name__ for cls in mro if cls.__module__.startswith("trl.")), None)
+    covered = ", ".join(ATTACHABLE)
+    if "Trainer" not in names or trl is not None and trl not in ATTACHABLE and trl != "_BaseTrainer":
+        raise TokPlugError(f"ctx.attach does not cover {type(trainer).__name__} ({trl or 'not a transformers Trainer'})",
+                           fix=f"use one of: {covered} (or a subclass); other trainers are not supported yet")
+    weighers = ctx.hooks.implementers("tokplug_token_weights")
+    if weighers and not getattr(trainer, "tokplug_applies_token_weights", False) and not set(names) & set(WEIGHTED):
+        raise TokPlugError(f"plugin(s) {weighers} return token weights, but {type(trainer).__name__}'s loss is not "
+                           "per token", fix=f"token weights apply on {', '.join(WEIGHTED)}; remove the plugin here")
+
+
 def attach(ctx: RunContext, trainer: Any) -> Any:
     """``ctx.attach(trainer)`` on your own trainer: its data collator goes through ``tokplug_wrap_collator`` (unless
     it came from ``ctx.wrap_collator``), the callbacks are added to it, then as in a recipe run."""
+    check_trainer(ctx, trainer)
     collator = getattr(trainer, "data_collator", None)
     if collator is not None and collator is not ctx.collator:
         trainer.data_collator = wrap_collator(ctx, collator)
@@ -306,6 +341,7 @@ def apply(
     ctx.task = task or infer_task(model)
     ctx.traits = getattr(runners[ctx.task], "traits", None) if ctx.task else None
     ctx.base_model = getattr(getattr(model, "config", None), "_name_or_path", None)
+    check_token_weights(ctx)
     ctx.call("tokplug_validate")
     build_tokenizer(ctx, tokenizer)
     build_model(ctx, model=model, peft_config=peft_config, pad_to_multiple_of=pad_to_multiple_of)

@@ -188,7 +188,7 @@ def _check(pm: pluggy.PluginManager) -> None:
             fix="check the method name against docs/hooks.md (every hook starts with `tokplug_`)",
         ) from None
     for name, (_, rule, _) in HOOK_RULES.items():
-        if rule not in ("chain", "merge"):
+        if rule not in ("chain", "merge", "product"):
             continue
         for impl in getattr(pm.hook, name).get_hookimpls():
             if impl.hookwrapper or impl.wrapper:
@@ -295,6 +295,12 @@ class HookCaller:
                 value = impl.function(*[kwargs[arg] for arg in impl.argnames])
                 for key, item in (value or {}).items():
                     result[f"{impl.plugin_name}/{key}"] = item
+        elif rule == "product":
+            result = None
+            for impl in reversed(hook.get_hookimpls()):
+                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if value is not None:
+                    result = value if result is None else result * value
         elif rule == "extend":
             result = [item for items in hook(**kwargs) for item in (items or [])]
         else:  # broadcast, first

@@ -148,6 +148,59 @@ def token_batch(trainer: Any, inputs: dict[str, Any], traits: Any = None) -> Tok
     return TokenBatch(labels, shift, roles, advantages, mask)
 
 
+class TokenWeighting:
+    """Applies ``tokplug_token_weights`` inside the trainer's own main loss for one ``compute_loss`` call.
+
+    TRL's SFT, DPO and GRPO trainers score tokens through the fused LM head (``model(..., fused_lm_head=True)``
+    returns per-token ``log_probs``, shifted: entry t is output position t). A forward hook on the trainer's model
+    (and on DPO's separate reference model) multiplies those log-probabilities by the weights before the trainer
+    reduces them, so SFT's ``-sum(w log p) / num_items``, DPO's ``sum_t w_t (log pi - log pi_ref)`` and GRPO's
+    per-token policy gradient follow with the trainer's own normalisation untouched. The hook tracks rows, since
+    GRPO scores a batch in chunks and DPO runs the policy and the reference over the same rows. A trainer whose
+    loss applies the weights itself (the masked-diffusion task) sets ``tokplug_applies_token_weights = True`` and
+    reads ``trainer.tokplug_token_weights`` during ``compute_loss``.
+    """
+
+    def __init__(self, trainer: Any, weights: torch.Tensor):
+        self.trainer, self.weights = trainer, weights  # (B, T), output frame
+        self.row = 0
+        self.applied = False
+
+    def install(self) -> list[Any]:
+        if getattr(self.trainer, "tokplug_applies_token_weights", False):
+            self.trainer.tokplug_token_weights = self.weights
+            self.applied = True
+            return []
+        models = [self.trainer.model, getattr(self.trainer, "ref_model", None)]
+        return [m.register_forward_hook(self.weigh, with_kwargs=True) for m in models if m is not None]
+
+    def weigh(self, _module: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        log_probs = getattr(out, "log_probs", None)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if log_probs is None or ids is None:
+            return
+        rows = ids.shape[0]
+        if self.row >= self.weights.shape[0]:  # another pass over the same rows (DPO's reference)
+            self.row = 0
+        w = self.weights[self.row : self.row + rows, -ids.shape[1]:][:, : log_probs.shape[1]]  # (b, L)
+        self.row += rows
+        out.log_probs = log_probs * w.to(log_probs.dtype)
+        self.applied = True
+
+    def done(self) -> None:
+        if getattr(self.trainer, "tokplug_applies_token_weights", False):
+            self.trainer.tokplug_token_weights = None
+        if not self.applied:
+            from .errors import PluginError
+
+            raise PluginError(
+                f"token weights (tokplug_token_weights) could not be applied: {type(self.trainer).__name__}'s loss "
+                "reads no per-token log-probabilities",
+                fix="use a task or trainer whose main loss is per token (TRL SFT, DPO, GRPO; masked diffusion), or "
+                    "remove the plugin that returns token weights",
+            )
+
+
 def _backbone(model: Any) -> Any | None:
     base = getattr(model, "base_model", None)
     return base if base is not None and base is not model else None
@@ -202,30 +255,43 @@ def compute_loss_with_terms(
         seen = _tokens_seen(inputs)
         if seen is not None:
             host["tokens"] = host.get("tokens", 0) + seen
-    if not ctx.hooks.has("tokplug_loss_terms"):
+    with_terms, with_weights = ctx.hooks.has("tokplug_loss_terms"), ctx.hooks.has("tokplug_token_weights")
+    if not (with_terms or with_weights):
         return compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     batch = token_batch(trainer, inputs, ctx.traits)  # before the trainer's own compute_loss changes `inputs`
     captured: dict[str, Any] = {}
-    unwrapped = unwrap(model)
-    backbone = _backbone(unwrapped)
+    handles = []
+    weighting = None
+    if with_weights:
+        weights = ctx.call("tokplug_token_weights", batch=batch)
+        if weights is not None:
+            weighting = TokenWeighting(trainer, weights.detach().to(batch.labels.device))
+            handles += weighting.install()
+    if with_terms:
+        unwrapped = unwrap(model)
+        backbone = _backbone(unwrapped)
 
-    # Forward hooks must return None (a returned value would replace the module's output).
-    def keep_output(_module: Any, _args: Any, out: Any) -> None:
-        captured.setdefault("output", out)
+        # Forward hooks must return None (a returned value would replace the module's output).
+        def keep_output(_module: Any, _args: Any, out: Any) -> None:
+            captured.setdefault("output", out)
 
-    def keep_hidden(_module: Any, _args: Any, out: Any) -> None:
-        captured.setdefault("hidden", _hidden(out))
+        def keep_hidden(_module: Any, _args: Any, out: Any) -> None:
+            captured.setdefault("hidden", _hidden(out))
 
-    handles = [unwrapped.register_forward_hook(keep_output)]
-    if backbone is not None:
-        handles.append(backbone.register_forward_hook(keep_hidden))
+        handles.append(unwrapped.register_forward_hook(keep_output))
+        if backbone is not None:
+            handles.append(backbone.register_forward_hook(keep_hidden))
     try:
         result = compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
     finally:
         for handle in handles:
             handle.remove()
+        if weighting is not None:
+            weighting.done()
     loss, rest = (result[0], result[1:]) if return_outputs else (result, ())
+    if not with_terms:
+        return result
 
     traits = ctx.traits
     shift = traits.label_shift if traits is not None and traits.label_shift is not None else 1

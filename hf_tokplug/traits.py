@@ -43,6 +43,8 @@ class TaskTraits:
         adapter: ``optional`` (a recipe's ``adapter:`` block adds LoRA), ``required`` (the task always trains an
             adapter) or ``none`` (an ``adapter:`` block is an error).
         generates: what the task itself produces: ``"text"``, ``"images"`` or ``None``.
+        token_weights: the task's main loss applies ``tokplug_token_weights`` per token (SFT, DPO, GRPO, masked
+            diffusion); a plugin returning weights is refused on a task without it.
         roles: the roles its batch rows take (:class:`hf_tokplug.plugin.TokenBatch`): ``"sft"``, ``"chosen"`` /
             ``"rejected"`` (preference pairs), ``"policy"`` (RL samples); ``("sft",)`` by default.
     """
@@ -57,6 +59,7 @@ class TaskTraits:
     adapter: str = "optional"
     generates: str | None = None
     roles: tuple[str, ...] = ("sft",)
+    token_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.model_kind not in MODEL_KINDS:

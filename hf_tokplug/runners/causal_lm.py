@@ -20,7 +20,7 @@ class CausalLMSFT(Runner):
     task = "causal_lm_sft"
     description = "SFT of a causal LM on TRL's SFTTrainer: chat, prompt/completion or text data; LoRA or full."
     traits = TaskTraits(model_kind="causal_lm", label_shift=1, batch_fields=("input_ids", "attention_mask", "labels"),
-                        generates="text")
+                        generates="text", token_weights=True)
 
     def training_args_class(self) -> type:
         from trl import SFTConfig

@@ -68,8 +68,10 @@ class MaskedDiffusionCollator:
         return {"input_ids": ids, "labels": labels, "pad_mask": pad_mask}
 
 
-def llada_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, eps: float) -> tuple[torch.Tensor, Any]:
-    """LLaDA's SFT objective for one batch; returns (loss, model output)."""
+def llada_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, eps: float,
+               token_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    """LLaDA's SFT objective for one batch; returns (loss, model output). ``token_weights`` ``(B, T)`` multiply
+    each masked position's term (``tokplug_token_weights``; the normaliser is unchanged)."""
     answer = labels != -100  # (B, T): answer tokens and padding
     b = input_ids.shape[0]
     t = torch.rand(b, device=input_ids.device)
@@ -79,6 +81,8 @@ def llada_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, mask_i
     output = model(input_ids=noisy)
     logits = output.logits  # (B, T, V): position i predicts token i (no shift)
     ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none") / p_mask[masked]
+    if token_weights is not None:
+        ce = ce * token_weights[masked].to(ce.dtype)
     per_seq = torch.zeros(b, device=ce.device).index_add(0, masked.nonzero()[:, 0], ce)
     loss = (per_seq / answer.sum(1).clamp(min=1)).mean()
     return loss, output
@@ -89,9 +93,12 @@ class MaskedDiffusionTrainerBase:
 
     mdm_mask_id: int
     mdm_eps: float = 1e-3
+    tokplug_applies_token_weights = True  # the host sets tokplug_token_weights during compute_loss
+    tokplug_token_weights: torch.Tensor | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: D102
-        loss, output = llada_loss(model, inputs["input_ids"], inputs["labels"], self.mdm_mask_id, self.mdm_eps)
+        loss, output = llada_loss(model, inputs["input_ids"], inputs["labels"], self.mdm_mask_id, self.mdm_eps,
+                                  self.tokplug_token_weights)
         return (loss, output) if return_outputs else loss
 
 
@@ -109,7 +116,7 @@ class MaskedDiffusionSFT(CausalLMSFT):
     options_class = MaskedDiffusionOptions
     # position i's logits predict token i (label_shift 0); padding is marked for plugins that change it (pad_mask)
     traits = TaskTraits(model_kind="masked_lm", label_shift=0, batch_fields=("input_ids", "labels", "pad_mask"),
-                        generates="text")
+                        generates="text", token_weights=True)
 
     def training_args_class(self) -> type:
         from transformers import TrainingArguments
