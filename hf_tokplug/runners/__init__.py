@@ -7,6 +7,7 @@
     masked_diffusion_sft                 runners/masked_diffusion.py
     sequence_classification              runners/classification.py
     diffusion_lora, diffusion_generate   runners/diffusion_lora.py
+    preference_dpo, reward_model, grpo   runners/preference.py (TRL's DPOTrainer, RewardTrainer, GRPOTrainer)
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ class BuiltinTasks(Plugin):
         from .classification import SequenceClassification
         from .diffusion_lora import DiffusionGenerate, DiffusionLoRA
         from .masked_diffusion import MaskedDiffusionSFT
+        from .preference import GRPO, PreferenceDPO, RewardModel
 
         for runner in (CausalLMSFT, CausalLMPrepare, MaskedDiffusionSFT, DiffusionLoRA, DiffusionGenerate,
-                       SequenceClassification):
+                       SequenceClassification, PreferenceDPO, RewardModel, GRPO):
             register(runner.task, runner)
 
     @staticmethod

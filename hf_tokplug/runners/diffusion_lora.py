@@ -341,6 +341,9 @@ class DiffusionGenerate(DiffusionLoRA):
             raise RecipeError("task diffusion_generate needs task_options.sample_prompts",
                               where=f"{self.source}: task_options.sample_prompts", fix="list the prompts to render")
 
+    def examples(self, ctx: Run, raw: dict[str, Any]) -> dict[str, Any]:
+        return {}  # nothing is trained
+
     def finish(self, ctx: Run, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
         paths = self.render(ctx, Path(self.recipe.output_dir) / "samples")
         ctx.tokenizer = None  # nothing to save but the images, the manifest and the card

@@ -21,7 +21,10 @@ Tokenizers (``model.tokenizer``, TokenAdapt's ``tokenizer``): ``toy://tokenizer/
 first use and cached). Plugins add more with :func:`register_toy_tokenizer`.
 
 Datasets: ``toy://kjv-chat`` (messages), ``toy://kjv-completion`` (prompt/completion), ``toy://kjv-text`` (text),
-``toy://kjv-books`` (text + label: the verse's book, Genesis / Matthew / Proverbs / Ruth); splits ``train`` (90%) and ``eval`` (10%), deterministic.
+``toy://kjv-books`` (text + label: the verse's book, Genesis / Matthew / Proverbs / Ruth), ``toy://kjv-preference``
+(prompt / chosen: the verse's own continuation / rejected: another verse's), ``toy://kjv-verifiable`` (prompt /
+answer: the first word of a cited verse, for GRPO's exact-match reward); splits ``train`` (90%) and ``eval``
+(10%), deterministic.
 """
 
 from __future__ import annotations
@@ -301,7 +304,7 @@ def resolve(name_or_path: str) -> str:
 # datasets
 # --------------------------------------------------------------------------------------------------------------
 
-TOY_DATASETS = ("kjv-chat", "kjv-completion", "kjv-text", "kjv-books")
+TOY_DATASETS = ("kjv-chat", "kjv-completion", "kjv-text", "kjv-books", "kjv-preference", "kjv-verifiable")
 
 
 @cache
@@ -326,8 +329,12 @@ def load_toy_dataset(path: str, split: str = "train") -> Any:
     if split not in ("train", "eval"):
         raise TokPlugError(f"embedded dataset {path!r} has splits train and eval, not {split!r}")
     rows = []
-    for i, verse in enumerate(_verses()):
+    verses = _verses()
+    for i, verse in enumerate(verses):
         if (i % 10 == 9) != (split == "eval"):
+            continue
+        if name == "kjv-verifiable":  # one checkable word: GRPO's embedded task (exact_match on `answer`)
+            rows.append({"prompt": f"The first word of {verse['citation']} is", "answer": verse["text"].split()[0]})
             continue
         if name == "kjv-books":
             rows.append({"text": verse["text"], "label": verse["citation"].rsplit(" ", 1)[0]})
@@ -340,6 +347,9 @@ def load_toy_dataset(path: str, split: str = "train") -> Any:
             rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": tail}]})
         elif name == "kjv-completion":
             rows.append({"prompt": prompt + "\n", "completion": tail})
+        elif name == "kjv-preference":  # chosen: the verse's own continuation; rejected: another verse's
+            other = _split_verse(verses[(i + 7) % len(verses)]["text"])[1] or tail[::-1]
+            rows.append({"prompt": prompt + "\n", "chosen": tail, "rejected": other})
         else:
             rows.append({"text": verse["text"]})
     if name == "kjv-books":  # the excerpt is in book order: shuffle (fixed seed) so any prefix has every class
