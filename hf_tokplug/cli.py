@@ -62,8 +62,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     from .recipe import dump_resolved
 
+    from .data import is_local
+
     runner = runner_for(args.recipe, args.overrides)
     ctx = runner.validate(offline=args.offline)
+    data = runner.recipe.data
+    specs = [s for s in ((data.train, data.eval) if data is not None else ()) if s is not None]
+    if specs and all(is_local(s) for s in specs):
+        runner.read_data(ctx)  # local data is cheap to read: its columns are checked against the task here too
+    elif specs:
+        runner.notes.append("data on the Hub: its columns are checked when the run reads it, before weights load")
     console = _console()
     for note in runner.notes:
         console.print(f"[yellow]note[/]: {note}")

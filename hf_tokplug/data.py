@@ -59,6 +59,16 @@ def check_dataset_spec(spec: DatasetSpec, key: str, source: str) -> None:
         )
 
 
+def is_local(spec: DatasetSpec) -> bool:
+    """The split loads without the network: an embedded ``toy://`` set, local data files or a local folder."""
+    if toy.is_toy(spec.path):
+        return True
+    files = _local_files(spec)
+    if files:
+        return all("://" not in f and glob.glob(f) for f in files)
+    return spec.path.startswith((".", "/", "~")) and os.path.exists(os.path.expanduser(spec.path))
+
+
 def load_split(spec: DatasetSpec) -> Any:
     if toy.is_toy(spec.path):
         return toy.load_toy_dataset(spec.path, spec.split)

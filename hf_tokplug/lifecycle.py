@@ -352,10 +352,13 @@ def model_kind(model: Any) -> str | None:
     """The :data:`~hf_tokplug.traits.MODEL_KINDS` entry a transformers model belongs to, or ``None``."""
     from transformers.models.auto import modeling_auto as auto
 
-    name = type(peft_base(model)).__name__
+    base = peft_base(model)
+    name = type(base).__name__
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    decoder = model_type in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
     for kind, mapping in (("causal_lm", auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
                           ("masked_lm", auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES),
-                          ("encoder", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+                          ("causal_classifier" if decoder else "encoder", auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
                           ("encoder", auto.MODEL_MAPPING_NAMES)):
         if name in set(mapping.values()):
             return kind

@@ -19,8 +19,10 @@ from .errors import PluginError
 #: - ``causal_lm``: a decoder with an LM head, trained left to right (``AutoModelForCausalLM``).
 #: - ``masked_lm``: a bidirectional model with per-position logits (masked-diffusion LMs, ``AutoModelForMaskedLM``).
 #: - ``encoder``: an encoder without an LM head (``AutoModel``, ``...ForSequenceClassification``).
+#: - ``causal_classifier``: a causal-LM backbone with a sequence-classification head, scoring at the last real token
+#:   (reward models: ``LlamaForSequenceClassification``).
 #: - ``diffusion_unet``: a Diffusers denoising UNet with its text encoder and VAE.
-MODEL_KINDS = ("causal_lm", "masked_lm", "encoder", "diffusion_unet")
+MODEL_KINDS = ("causal_lm", "masked_lm", "encoder", "causal_classifier", "diffusion_unet")
 ADAPTERS = ("optional", "required", "none")
 GENERATES = (None, "text", "images")
 
@@ -30,7 +32,7 @@ class TaskTraits:
     """A task's declaration of what it is (``Runner.traits``); plugins validate against it.
 
     Args:
-        model_kind: one of :data:`MODEL_KINDS`.
+        model_kind: one of :data:`MODEL_KINDS` (causal_lm, masked_lm, encoder, causal_classifier, diffusion_unet).
         label_shift: output position t is scored against ``labels[:, t + label_shift]``: 1 for causal LMs, 0 for
             masked-diffusion LMs; ``None`` when the task has no token-level labels (sequence labels, images).
         batch_fields: the keys of a training batch (the collator's output) that plugins may read or change, e.g.

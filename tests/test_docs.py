@@ -33,13 +33,13 @@ def test_every_documented_hook_exists():
 
 
 def test_recipe_reference_is_current():
-    from hf_tokplug.recipe import reference_markdown
+    from hf_tokplug.docgen import recipes_markdown
 
-    assert (REPO / "docs" / "recipes.md").read_text() == reference_markdown(), "run: python scripts/gen_docs.py"
+    assert (REPO / "docs" / "recipes.md").read_text() == recipes_markdown(), "run: python scripts/gen_docs.py"
 
 
 def test_hook_reference_is_generated_from_the_specs():
-    from hf_tokplug.hookdocs import hooks_markdown
+    from hf_tokplug.docgen import hooks_markdown
 
     assert HOOKS_MD == hooks_markdown(), "docs/hooks.md is stale: run python scripts/gen_docs.py"
     assert "record_added_tokens" not in HOOKS_MD

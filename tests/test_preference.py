@@ -167,3 +167,36 @@ def test_plugins_that_cannot_serve_a_task_say_which_trait_is_missing(recipe_file
 def test_a_reference_with_another_tokenizer_is_refused(recipe_file):
     with pytest.raises(RecipeError, match="another tokenizer than the policy"):
         _validate(recipe_file, **DPO, task_options={"ref_model": "toy://tokenizer/kjv-bpe-3k"})
+
+
+def test_validate_checks_the_columns_of_local_data(tmp_path, capsys):
+    from hf_tokplug.cli import main
+
+    from conftest import base_recipe, write_recipe
+
+    bad = write_recipe(tmp_path / "bad.yaml", base_recipe(tmp_path / "out", **{**DPO, "data": {
+        "train": "toy://kjv-completion", "max_samples": 8}}))
+    assert main(["validate", str(bad)]) == 2
+    assert "needs columns prompt/chosen/rejected" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+TRL_TASKS = {"preference_dpo": DPO, "reward_model": REWARD, "grpo": GRPO}
+
+
+@pytest.mark.parametrize("task", sorted(TRL_TASKS))
+@pytest.mark.parametrize("plugin", ["caft", "dynamic_tokenization", "rainbow_padding", "tara", "tokenadapt", "zloss"])
+def test_every_builtin_plugin_serves_or_refuses_each_trl_task(tmp_path, recipe_file, task, plugin):
+    """Either validate refuses naming a trait (a PluginError, before anything loads) or two steps train."""
+    from hf_tokplug.manager import installed_plugins
+
+    active = installed_plugins()[plugin].cls.test_configs["active"]
+    sections = {**TRL_TASKS[task], "plugins": {plugin: active}}
+    sections["train"] = {**sections["train"], "max_steps": 2}
+    try:
+        _validate(recipe_file, **sections)
+    except PluginError as exc:
+        assert f"task {task!r}" in str(exc) or task in str(exc)
+        return
+    _, metrics = run_recipe(tmp_path, "run", **sections)
+    assert metrics["train_loss"] == metrics["train_loss"]  # ran to the end (a number, not NaN)

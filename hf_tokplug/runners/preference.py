@@ -158,7 +158,7 @@ class RewardModel(_TRLTask):
     config_name = "RewardConfig"
     auto_class = "AutoModelForSequenceClassification"
     model_mapping = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
-    traits = TaskTraits(model_kind="encoder", label_shift=None, batch_fields=("input_ids", "attention_mask"),
+    traits = TaskTraits(model_kind="causal_classifier", label_shift=None, batch_fields=("input_ids", "attention_mask"),
                         roles=("chosen", "rejected"))
 
     def model_kwargs(self) -> dict[str, Any]:

@@ -76,6 +76,11 @@ class CAFTPlugin(Plugin):
         where = self.where
         if ctx.traits is not None:  # heads predict token t+1+i from a causal LM's states, scored on token labels
             ctx.traits.require(self.name, task=ctx.task, model_kind="causal_lm", token_labels=True)
+            if self.active and not set(self.config.roles) & set(ctx.traits.roles):
+                raise PluginError(
+                    f"caft trains its heads on rows with roles {self.config.roles}; task {ctx.task!r}'s rows are "
+                    f"{list(ctx.traits.roles)}", where=f"{where}.roles",
+                    fix=f"set roles to include one of {list(ctx.traits.roles)} (e.g. roles: [{ctx.traits.roles[0]}])")
         if not self.active:
             return
         adapter = ctx.recipe.adapter if ctx.recipe is not None else None

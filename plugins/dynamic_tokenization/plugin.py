@@ -72,6 +72,9 @@ class DynamicTokenizationPlugin(Plugin):
     def tokplug_validate(self, ctx):
         where = self.where
         traits = ctx.traits
+        if traits is not None and self.config.active and traits.model_kind in ("causal_classifier", "masked_lm"):
+            # a decoder's sequence head pools at the last real token of input_ids, which merging moves
+            traits.require(self.name, task=ctx.task, model_kind=("encoder", "causal_lm"))
         if traits is not None and self.config.active and (traits.token_labels or traits.model_kind == "diffusion_unet"):
             # merging changes sequence lengths: token-level labels would no longer line up
             what = "token-level labels" if traits.token_labels else f"model_kind {traits.model_kind!r}"

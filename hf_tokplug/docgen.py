@@ -1,5 +1,10 @@
-"""docs/hooks.md, generated from :mod:`hf_tokplug.hookspecs` (signatures, rules, docstrings with their examples)
-and the run order in :mod:`hf_tokplug.lifecycle`:  python scripts/gen_docs.py"""
+"""The docs generated from code:  python scripts/gen_docs.py  (tests/test_docs.py fails when they are stale)
+
+- docs/hooks.md: :mod:`hf_tokplug.hookspecs` (signatures, rules, docstrings with their examples) and the run order
+  in :mod:`hf_tokplug.lifecycle`;
+- docs/recipes.md: the recipe schema (:func:`hf_tokplug.recipe.reference_markdown`) and every registered task with
+  its traits, its ``task_options`` and the built-in recipes that use it.
+"""
 
 from __future__ import annotations
 
@@ -90,3 +95,66 @@ def hooks_markdown() -> str:
         parts.append(f"### {name}\n\n```python\n{_signature(name)}\n```\n\n**Rule: {rule}**.\n\n"
                      + _markdown_docstring(doc))
     return "\n".join(parts)
+
+
+def _options(cls: type | None) -> list[str]:
+    if cls is None:
+        return ["No `task_options`."]
+    doc = inspect.getdoc(cls) or ""
+    args = doc.split("Args:", 1)[1] if "Args:" in doc else ""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    described = {}
+    for line in textwrap.dedent(args).splitlines():
+        if line and not line.startswith(" ") and ":" in line:
+            names, text = line.split(":", 1)
+            for name in names.split(","):
+                described[name.strip()] = text.strip()
+        elif line.strip() and described:
+            last = list(described)[-1]
+            described[last] += " " + line.strip()
+    for name, field in cls.model_fields.items():
+        default = field.default_factory() if field.default_factory is not None else field.default
+        rows.append(f"| `{name}` | `{default!r}` | {described.get(name, field.description or '')} |".replace("\n", " "))
+    return rows
+
+
+def tasks_markdown() -> str:
+    """One section per registered task: description, traits, options, built-in recipes."""
+    from dataclasses import fields
+
+    from .manager import registries
+
+    recipes: dict[str, list[str]] = {}
+    from importlib import resources
+
+    import yaml
+
+    root = resources.files("hf_tokplug_recipes")
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        paths = [entry] if entry.name.endswith(".yaml") else sorted(
+            (e for e in entry.iterdir() if e.name.endswith(".yaml")), key=lambda e: e.name) if entry.is_dir() else []
+        for path in paths:
+            task = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("task")
+            name = path.name if entry.name.endswith(".yaml") else f"{entry.name}/{path.name}"
+            recipes.setdefault(task, []).append(f"recipes/{name}")
+    lines = ["## Tasks", "",
+             "Every registered task (the host's own and those plugins register), with the traits plugins check",
+             "(`ctx.traits`, docs/writing-a-plugin.md) and its `task_options`.", ""]
+    for name, runner in registries().runners.items():
+        traits = getattr(runner, "traits", None)
+        lines += [f"### {name}", "", runner.description or "", ""]
+        if traits is not None:
+            shown = ", ".join(f"{f.name}={getattr(traits, f.name)!r}" for f in fields(traits))
+            lines += [f"Traits: {shown}.", ""]
+        lines += [*_options(getattr(runner, "options_class", None)), ""]
+        if recipes.get(name):
+            lines += ["Recipes: " + ", ".join(f"`{r}`" for r in recipes[name]) + ".", ""]
+    return "\n".join(lines)
+
+
+def recipes_markdown() -> str:
+    """docs/recipes.md: the recipe schema, then the tasks."""
+    from .recipe import reference_markdown
+
+    return reference_markdown().rstrip() + "\n\n" + tasks_markdown()
+
