@@ -1,8 +1,8 @@
 """The run order: the one place that fires the lifecycle hooks, for every task and for ``hf_tokplug.apply``.
 
     validate      task checks (recipe, model config, data, trainer arguments), then tokplug_validate
+    data          the task reads its raw splits (no hooks yet: bad data fails before anything is written)
     run folder    lock, recipe.resolved.yaml, run_info.json                      (recipe runs, main process)
-    data          the task reads its raw splits (no hooks yet: bad data fails before any weights load)
     tokenizer     task loads the model's own -> tokplug_load_tokenizer (may swap) -> task tokens
                   -> tokplug_prepare_tokenizer
     model         tokplug_load_model or the task's loader -> tokplug_adapt_embeddings -> resize + init added rows
@@ -272,6 +272,7 @@ def run(task: Any) -> dict[str, Any]:
     from .rundir import prepare_output_dir
 
     ctx = task.ctx = validate(task)
+    raw = task.read_data(ctx)  # before the run folder: data that does not fit the task leaves nothing behind
     # The distributed state is a process-wide singleton: created here first, it must already know that a
     # machine without an accelerator trains on CPU, or ranks under torchrun/accelerate would each run alone.
     state = PartialState(cpu=not has_accelerator())
@@ -284,7 +285,6 @@ def run(task: Any) -> dict[str, Any]:
         if state.is_main_process:
             task.write_run_header(ctx)
         state.wait_for_everyone()
-        raw = task.read_data(ctx)
         build_tokenizer(ctx, task.load_tokenizer(ctx), task)
         if ctx.traits.builds_model:
             build_model(ctx, task, pad_to_multiple_of=recipe.model.pad_to_multiple_of, seed=recipe.seed)

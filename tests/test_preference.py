@@ -200,3 +200,29 @@ def test_every_builtin_plugin_serves_or_refuses_each_trl_task(tmp_path, recipe_f
         return
     _, metrics = run_recipe(tmp_path, "run", **sections)
     assert metrics["train_loss"] == metrics["train_loss"]  # ran to the end (a number, not NaN)
+
+
+def test_a_run_whose_data_does_not_fit_writes_nothing(tmp_path):
+    with pytest.raises(RecipeError, match="needs columns"):
+        run_recipe(tmp_path, "dpo", **{**DPO, "data": {"train": "toy://kjv-completion", "max_samples": 8}})
+    assert not (tmp_path / "dpo").exists()
+
+
+def test_dpo_with_precomputed_reference_log_probs(tmp_path):
+    train = {**DPO["train"], "precompute_ref_log_probs": True}
+    runner, metrics = run_recipe(tmp_path, "dpo", **{**DPO, "train": train}, adapter={"r": 4})
+    assert "ref_chosen_logps" in runner.ctx.trainer.train_dataset.column_names and metrics["train_loss"] > 0
+
+
+def test_dpo_trains_on_the_examples_the_data_hooks_prepared(tmp_path):
+    from hf_tokplug import Plugin, hookimpl, manager
+
+    class KeepTwo(Plugin):
+        @hookimpl
+        def tokplug_prepare_dataset(self, ctx, dataset, split):
+            assert {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names)  # TRL's own format
+            return dataset.select(range(2))
+
+    with manager.registered("keep_two", KeepTwo):
+        runner, _ = run_recipe(tmp_path, "dpo", **DPO, plugins={"keep_two": None})
+    assert len(runner.ctx.trainer.train_dataset) == 2 and len(runner.ctx.trainer.eval_dataset) == 2

@@ -219,3 +219,20 @@ def test_attach_refuses_a_trainer_it_does_not_cover(tmp_path):
                          processing_class=ctx.tokenizer)
     with pytest.raises(TokPlugError, match="does not cover KTOTrainer"):
         ctx.attach(trainer)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo"])
+def test_attach_with_zloss_and_token_weights_together(tmp_path, weights_plugin, kind):
+    from trl import SFTConfig, SFTTrainer
+
+    Weights.mode = "ones"
+    ctx = _ctx("dpo", {"zloss": {"weight": 0.1}, "weights": None})
+    if kind == "sft":
+        data = Dataset.from_list([{"prompt": p["prompt"], "completion": p["chosen"]} for p in PAIRS])
+        trainer = SFTTrainer(model=ctx.model, args=_args(SFTConfig, tmp_path, max_length=32), train_dataset=data,
+                             processing_class=ctx.tokenizer)
+    else:
+        trainer = _trainer(kind, tmp_path, ctx)
+    ctx.attach(trainer).train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert rows and all("zloss/z" in r for r in rows)

@@ -142,13 +142,24 @@ class PreferenceDPO(_TRLTask):
     def make_trainer(self, ctx: Run, train: Any, evald: Any, collator: Any, callbacks: list[Any]) -> Any:
         from trl import DPOTrainer
 
+        if ctx.hooks.has("tokplug_token_weights") and self.trl_arguments(ctx).precompute_ref_log_probs:
+            raise RecipeError("token weights multiply the reference's per-token log-probs too; precomputed reference "
+                              "log-probs are sums without them", where=f"{self.source}: train.precompute_ref_log_probs",
+                              fix="set train.precompute_ref_log_probs: false with a token-weight plugin")
         trainer = DPOTrainer(model=ctx.model, ref_model=self.reference(ctx), args=self.trl_arguments(ctx),
                              data_collator=collator, train_dataset=train, eval_dataset=evald,
                              processing_class=ctx.tokenizer, callbacks=callbacks)
-        # DPOTrainer re-tokenizes from the text columns; train on the examples the data hooks prepared
-        trainer.train_dataset = train
-        if evald is not None:
-            trainer.eval_dataset = evald
+        if ctx.hooks.has("tokplug_prepare_dataset"):
+            # DPOTrainer re-tokenized the text columns (the same ids as the host's); a plugin changed the examples, so
+            # train on the host's (and recompute precomputed reference log-probs on them)
+            args = trainer.args
+            for attr, data, size in (("train_dataset", train, args.per_device_train_batch_size),
+                                     ("eval_dataset", evald, args.per_device_eval_batch_size)):
+                if data is None:
+                    continue
+                if args.precompute_ref_log_probs:
+                    data = trainer._precompute_ref_logps(data, attr.split("_")[0], args.precompute_ref_batch_size or size)
+                setattr(trainer, attr, data)
         return trainer
 
 
