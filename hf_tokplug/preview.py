@@ -12,6 +12,7 @@ from typing import Any
 
 from . import lifecycle
 from .errors import RecipeError
+from .training import token_batch
 
 
 def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) -> dict[str, Any]:
@@ -30,6 +31,8 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     data, collator = lifecycle.build_examples(ctx, runner, raw)
     train = data["train"]
     batch = collator([train[i] for i in range(len(train))])
+    # the trainer-independent view gives token labels for every task that scores tokens (DPO's completions too)
+    view = token_batch(object(), batch, ctx.traits).labels if ctx.traits.token_labels else None
 
     added = {t.id: t for t in ctx.added_tokens}
     pad_id = tokenizer.pad_token_id
@@ -42,9 +45,7 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     console.print(f"batch: {keys}")
     for row in range(batch["input_ids"].shape[0]):
         ids = batch["input_ids"][row].tolist()
-        labels = batch["labels"][row].tolist() if "labels" in batch else [None] * len(ids)
-        if not isinstance(labels, list):  # one label per sequence (classification)
-            labels = [None] * len(ids)
+        labels = view[row].tolist() if view is not None else [None] * len(ids)
         attn = batch["attention_mask"][row].tolist() if "attention_mask" in batch else [1] * len(ids)
         padded = batch["pad_mask"][row].tolist() if "pad_mask" in batch else [a == 0 for a in attn]
         table = Table("pos", "token", "id", "label", "attn", "note", title=f"example {row}")
