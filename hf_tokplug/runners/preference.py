@@ -263,9 +263,11 @@ class GRPO(_TRLTask):
         from trl import GRPOTrainer
 
         args = self.trl_arguments(ctx)
-        if ctx.hooks.has("tokplug_token_weights") and args.num_iterations != 1:
-            raise RecipeError("token weights apply to GRPO's on-policy term: num_iterations must be 1",
-                              where=f"{self.source}: train.num_iterations", fix="set train.num_iterations: 1")
+        if ctx.hooks.has("tokplug_token_weights") and (args.num_iterations != 1 or args.beta != 0.0):
+            # the old-policy and reference log-probs are computed at generation time, without the weights
+            key = "num_iterations" if args.num_iterations != 1 else "beta"
+            raise RecipeError("token weights apply to GRPO's on-policy term only (num_iterations: 1, beta: 0)",
+                              where=f"{self.source}: train.{key}", fix="set train.num_iterations: 1 and train.beta: 0.0")
         return GRPOTrainer(model=ctx.model, reward_funcs=[spec.function for spec in self.rewards], args=args,
                            train_dataset=train, eval_dataset=evald, processing_class=ctx.tokenizer,
                            callbacks=callbacks)
