@@ -226,3 +226,24 @@ def test_dpo_trains_on_the_examples_the_data_hooks_prepared(tmp_path):
     with manager.registered("keep_two", KeepTwo):
         runner, _ = run_recipe(tmp_path, "dpo", **DPO, plugins={"keep_two": None})
     assert len(runner.ctx.trainer.train_dataset) == 2 and len(runner.ctx.trainer.eval_dataset) == 2
+
+
+@pytest.mark.parametrize("task", ["preference_dpo", "reward_model"])
+def test_conversational_pairs_with_an_implicit_prompt(tmp_path, task):
+    import json
+
+    rows = []
+    from hf_tokplug import toy
+
+    for r in toy.load_toy_dataset("toy://kjv-preference").select(range(8)):
+        user = {"role": "user", "content": r["prompt"].strip()}
+        rows.append({"chosen": [user, {"role": "assistant", "content": r["chosen"]}],
+                     "rejected": [user, {"role": "assistant", "content": r["rejected"]}]})
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    sections = {**(DPO if task == "preference_dpo" else REWARD), "data": {"train": str(path), "max_length": 96}}
+    runner, metrics = run_recipe(tmp_path, "run", **sections)
+    assert metrics["train_loss"] > 0
+    if task == "preference_dpo":  # TRL extracted the shared prompt: it is not scored
+        example = runner.ctx.trainer.train_dataset[0]
+        assert example["prompt_ids"] and example["chosen_ids"] != example["rejected_ids"]
