@@ -74,6 +74,8 @@ class TokenBatch:
             completions), ``"policy"`` (a sampled RL completion).
         advantages: ``(B,)`` the advantage of each policy row (RL trainers), else ``None``.
         attention_mask: ``(B, T)`` or ``None``.
+        input_ids: ``(B, T)`` the token ids the forward runs on (GRPO: prompt and completion joined), or ``None``;
+            with ``attention_mask`` enough to run another (frozen) model over the same rows.
     """
 
     labels: torch.Tensor
@@ -81,6 +83,7 @@ class TokenBatch:
     roles: tuple[str, ...]
     advantages: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
 
     @property
     def scored(self) -> torch.Tensor:
@@ -103,7 +106,7 @@ class TokenBatch:
         """The same batch with the labels of rows of other roles set to ``-100`` (nothing scored there)."""
         keep = self.rows(*roles)[:, None]
         return TokenBatch(self.labels.masked_fill(~keep, -100), self.shift, self.roles, self.advantages,
-                          self.attention_mask)
+                          self.attention_mask, self.input_ids)
 
 
 def _family(trainer: Any) -> str | None:
@@ -129,6 +132,7 @@ def token_batch(trainer: Any, inputs: dict[str, Any], traits: Any = None) -> Tok
         prompt_mask = inputs.get("prompt_mask", torch.ones_like(prompt))
         mask = torch.cat([prompt_mask, completion_mask], dim=1)
         advantages = inputs.get("advantages")
+        ids = torch.cat([prompt, completion], dim=1)
     elif torch.is_tensor(ids) and torch.is_tensor(inputs.get("labels")) and inputs["labels"].shape == ids.shape:
         labels = inputs["labels"]  # SFT, masked diffusion, any Trainer with token labels
     elif torch.is_tensor(ids) and torch.is_tensor(inputs.get("completion_mask")):  # DPO-style pairs
@@ -145,7 +149,7 @@ def token_batch(trainer: Any, inputs: dict[str, Any], traits: Any = None) -> Tok
         roles = ("policy",) * rows
     else:
         roles = ((traits.roles[0] if traits is not None else "sft"),) * rows
-    return TokenBatch(labels, shift, roles, advantages, mask)
+    return TokenBatch(labels, shift, roles, advantages, mask, ids if torch.is_tensor(ids) else None)
 
 
 class TokenWeighting:

@@ -101,6 +101,7 @@ def test_token_batch_views_agree_across_trainers():
     policy = token_batch(grpo_like, {"prompt_ids": ids[:, :2], "completion_ids": ids[:, 2:],
                                      "completion_mask": torch.tensor([[1, 1, 0]]), "advantages": torch.tensor([0.5])})
     assert torch.equal(policy.labels, sft.labels) and policy.roles == ("policy",) and policy.advantages.item() == 0.5
+    assert torch.equal(policy.input_ids, ids) and torch.equal(pair.input_ids[1], ids[0])
 
 
 # ------------------------------------------------------------------------------------------------ token weights
