@@ -240,19 +240,52 @@ def trainer_created(ctx: RunContext, trainer: Any) -> Any:
     return trainer
 
 
-def train_and_finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """Train (resuming when asked) or run the task's own loop, ``tokplug_post_train``, the task's own results
-    (evaluation, samples), then ``tokplug_evaluate``."""
-    metrics: dict[str, Any] = {}
+def train(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Train (resuming when asked) or run the task's own loop; nothing for tasks that do not train."""
+    if not ctx.traits.trains:
+        return {}
+    if trainer is not None:
+        return dict(trainer.train(resume_from_checkpoint=task.resume_checkpoint()).metrics)
+    return dict(task.train(ctx, data) or {})
+
+
+def finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:
+    """``tokplug_post_train`` (tasks that train), the task's own results (evaluation, samples), ``tokplug_evaluate``."""
+    metrics = dict(metrics)
     if ctx.traits.trains:
-        if trainer is not None:
-            metrics.update(trainer.train(resume_from_checkpoint=task.resume_checkpoint()).metrics)
-        else:
-            metrics.update(task.train(ctx, data) or {})
         ctx.call("tokplug_post_train", model=ctx.model)
     metrics.update(task.finish(ctx, trainer, data) or {})
     metrics.update(ctx.call("tokplug_evaluate"))
     return jsonable(metrics)
+
+
+def train_and_finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """:func:`train`, then :func:`finish`."""
+    return finish(ctx, task, trainer, data, train(ctx, task, trainer, data))
+
+
+RECOVERED = "recovered-model"
+
+
+def recover(ctx: RunContext, out: Path, error: BaseException) -> TokPlugError:
+    """After training, something failed (a plugin's hook, the evaluation, the save): write the trained model as it
+    is, with no plugin involved, into ``<output_dir>/recovered-model`` and return the error to raise, which names
+    what failed and where the model is."""
+    folder = out / RECOVERED
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if ctx.model is not None and hasattr(ctx.model, "save_pretrained"):
+            ctx.model.save_pretrained(folder)
+        if ctx.tokenizer is not None:
+            ctx.tokenizer.save_pretrained(folder)
+        where = f"the trained model was saved to {folder} (plain save_pretrained, without plugin state)"
+    except Exception as exc:  # even the plain save failed: say so, keep the first error
+        where = f"saving the trained model to {folder} failed too ({type(exc).__name__}: {exc})"
+    message = error.message if isinstance(error, TokPlugError) else f"{type(error).__name__}: {error}"
+    cls = type(error) if isinstance(error, TokPlugError) else TokPlugError
+    return cls(f"the run failed after training: {message}; {where}",
+                        where=getattr(error, "where", None),
+                        fix=(getattr(error, "fix", None) or "fix the cause above") + f"; load the model from {folder}")
 
 
 def save(ctx: RunContext, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
@@ -290,10 +323,17 @@ def run(task: Any) -> dict[str, Any]:
             build_model(ctx, task, pad_to_multiple_of=recipe.model.pad_to_multiple_of, seed=recipe.seed)
         data, collator = build_examples(ctx, task, raw)
         trainer = build_trainer(ctx, task, data, collator)
-        metrics = train_and_finish(ctx, task, trainer, data)
+        metrics = train(ctx, task, trainer, data)
+        try:
+            metrics = finish(ctx, task, trainer, data, metrics)
+            if state.is_main_process:
+                ctx.metrics = metrics
+                save(ctx, out, metrics, repo_id=recipe.hub.repo_id)
+        except Exception as exc:
+            if not (ctx.traits.trains and state.is_main_process):
+                raise
+            raise recover(ctx, out, exc) from exc
         if state.is_main_process:
-            ctx.metrics = metrics
-            save(ctx, out, metrics, repo_id=recipe.hub.repo_id)
             if recipe.hub.repo_id:
                 url = push_folder(out, recipe.hub.repo_id, private=recipe.hub.private, revision=recipe.hub.revision)
                 metrics = {**metrics, "hub_commit": url}

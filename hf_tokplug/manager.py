@@ -23,7 +23,7 @@ import pluggy
 from pydantic import BaseModel, ValidationError
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import PluginError, TokPlugError
 from .hookspecs import HOOK_RULES, PROJECT
 
 ENTRY_POINT_GROUP = "hf_tokplug"
@@ -278,33 +278,61 @@ class HookCaller:
         """Plugin names implementing ``name``, in call order."""
         return [impl.plugin_name for impl in reversed(getattr(self.pm.hook, name).get_hookimpls())]
 
+    @staticmethod
+    def _call(name: str, impl: Any, kwargs: dict[str, Any]) -> Any:
+        """One implementation; an unexpected exception becomes a PluginError naming the plugin and the hook (errors
+        a plugin raises on purpose, TokPlugError and its subclasses, pass unchanged)."""
+        try:
+            return impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except TokPlugError:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {name}: {type(exc).__name__}: {exc}",
+                fix="this is a bug in the plugin (or its input): run with --debug for the traceback, or disable the "
+                    "plugin",
+            ) from exc
+
     def __call__(self, name: str, **kwargs: Any) -> Any:
         _, rule, chained = HOOK_RULES[name]
         hook = getattr(self.pm.hook, name)
+        impls = list(reversed(hook.get_hookimpls()))  # call order
         start = time.perf_counter() if self.trace else 0.0
         if rule == "chain":
             result = kwargs[chained]
-            for impl in reversed(hook.get_hookimpls()):
+            for impl in impls:
                 kwargs[chained] = result
-                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                value = self._call(name, impl, kwargs)
                 if value is not None:
                     result = value
         elif rule == "merge":
             result = {}
-            for impl in reversed(hook.get_hookimpls()):
-                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            for impl in impls:
+                value = self._call(name, impl, kwargs)
                 for key, item in (value or {}).items():
                     result[f"{impl.plugin_name}/{key}"] = item
         elif rule == "product":
             result = None
-            for impl in reversed(hook.get_hookimpls()):
-                value = impl.function(*[kwargs[arg] for arg in impl.argnames])
+            for impl in impls:
+                value = self._call(name, impl, kwargs)
                 if value is not None:
                     result = value if result is None else result * value
-        elif rule == "extend":
-            result = [item for items in hook(**kwargs) for item in (items or [])]
-        else:  # broadcast, first
+        elif any(impl.hookwrapper or impl.wrapper for impl in impls):  # pluggy runs wrappers around the others
             result = hook(**kwargs)
+            if rule == "extend":
+                result = [item for items in result for item in (items or [])]
+        elif rule == "extend":
+            result = [item for impl in impls for item in (self._call(name, impl, kwargs) or [])]
+        elif rule == "first":
+            result = None
+            for impl in impls:
+                result = self._call(name, impl, kwargs)
+                if result is not None:
+                    break
+        else:  # broadcast
+            result = None
+            for impl in impls:
+                self._call(name, impl, kwargs)
         if self.trace:
             reached = ", ".join(self.implementers(name)) or "-"
             ms = (time.perf_counter() - start) * 1e3

@@ -269,3 +269,32 @@ def test_attach_wraps_the_own_trainers_collator(tmp_path):
         assert trainer.data_collator is ctx.collator  # the plugins' wrappers around the trainer's own collator
         trainer.train()
     assert "collated" in CALLS
+
+
+class FailsAfterTraining(Plugin):
+    hook = "tokplug_save"
+
+    @hookimpl
+    def tokplug_save(self, ctx, output_dir):
+        if FailsAfterTraining.hook == "tokplug_save":
+            raise OSError("disk full")
+
+    @hookimpl
+    def tokplug_post_train(self, ctx, model):
+        if FailsAfterTraining.hook == "tokplug_post_train":
+            raise RuntimeError("cannot detach")
+
+
+@pytest.mark.parametrize("hook", ["tokplug_save", "tokplug_post_train"])
+def test_a_plugin_failing_after_training_keeps_the_model_and_names_itself(tmp_path, hook):
+    from transformers import AutoModelForCausalLM
+
+    from hf_tokplug.errors import PluginError
+
+    FailsAfterTraining.hook = hook
+    with manager.registered("fails", FailsAfterTraining):
+        with pytest.raises(PluginError, match=rf"plugin 'fails' failed in {hook}") as err:
+            run_recipe(tmp_path, "run", plugins={"fails": None})
+    rescued = tmp_path / "run" / "recovered-model"
+    assert str(rescued) in str(err.value)
+    assert AutoModelForCausalLM.from_pretrained(rescued) is not None  # the trained weights, loadable as they are

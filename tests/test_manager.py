@@ -151,3 +151,23 @@ def test_public_api_exports():
     for name in hf_tokplug.__all__:
         assert getattr(hf_tokplug, name) is not None
 
+
+
+class Broken(Plugin):
+    @hookimpl
+    def tokplug_evaluate(self, ctx):
+        raise ZeroDivisionError("boom")
+
+    @hookimpl
+    def tokplug_validate(self, ctx):
+        raise PluginError("a deliberate, clear error", where="plugins.broken")
+
+
+def test_an_unexpected_exception_names_the_plugin_and_the_hook():
+    with manager.registered("broken", Broken):
+        ctx = RunContext.create({"broken": None})
+        with pytest.raises(PluginError, match="plugin 'broken' failed in tokplug_evaluate: ZeroDivisionError: boom") as err:
+            ctx.call("tokplug_evaluate")
+        assert isinstance(err.value.__cause__, ZeroDivisionError)
+        with pytest.raises(PluginError, match="^plugins.broken: a deliberate, clear error"):  # passed unchanged
+            ctx.call("tokplug_validate")
