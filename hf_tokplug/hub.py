@@ -17,7 +17,7 @@ from typing import Any, Callable
 from . import __version__, manager, toy
 from .errors import PluginError, TokPlugError
 from .modeling import is_peft
-from .rundir import library_versions, write_json_atomic, write_text_atomic
+from .rundir import HUB_TOKEN, library_versions, write_json_atomic, write_text_atomic
 
 MANIFEST = "tokplug.json"
 FORMAT_VERSION = 1
@@ -185,6 +185,13 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: s
 
     folder = Path(folder)
     read_manifest(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".yaml", ".yml", ".md", ".txt", ".jinja") and \
+                not any(part.startswith("checkpoint-") for part in path.relative_to(folder).parts) and \
+                HUB_TOKEN.search(path.read_text(encoding="utf-8", errors="ignore")):
+            raise TokPlugError(f"{path} contains what looks like a Hugging Face token; refusing to upload it",
+                               fix="remove the token from the file (pass credentials through HF_TOKEN or `hf auth "
+                                   "login`, never in a recipe)")
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision:

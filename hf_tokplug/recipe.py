@@ -288,10 +288,14 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def dump_resolved(recipe: Recipe, plugin_configs: dict[str, dict[str, Any]]) -> str:
-    """The recipe with every default filled in, including each plugin's full validated config."""
+    """The recipe with every default filled in, including each plugin's full validated config; credentials
+    (``model.kwargs.token``, ``train.hub_token``, any key named like a token, password, secret or API key) are
+    written as ``***``, since this text goes into run folders and model cards that get pushed."""
+    from .rundir import redact
+
     data = recipe.model_dump(mode="json")
     data["plugins"] = {name: plugin_configs.get(name, {}) for name in recipe.plugins}
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(redact(data), sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

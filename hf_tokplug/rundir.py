@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,37 @@ MARKER = "recipe.resolved.yaml"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 TRACKED_LIBRARIES = ("hf_tokplug", "torch", "transformers", "trl", "peft", "diffusers", "accelerate", "pluggy", "datasets", "tokenizers")
+
+
+# Keys whose values are credentials (recipe blocks, trainer arguments, model kwargs, command-line overrides). Names
+# like `mask_token` or `max_new_tokens` are settings, not secrets, and are kept.
+SECRET_KEY = re.compile(r"^(token|hub_token|hf_token|access_token|auth_token|api_key|apikey|password|passwd|secret"
+                        r"|\w+_(secret|password|api_key))$", re.IGNORECASE)
+HUB_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{20,}\b")
+REDACTED = "***"
+
+
+def redact(value: Any) -> Any:
+    """``value`` with every credential-like key's value replaced by ``***`` (and Hub tokens anywhere in strings)."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if isinstance(k, str) and SECRET_KEY.match(k) and v not in (None, "", False, True)
+                    else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return HUB_TOKEN.sub("hf_" + REDACTED, value)
+    return value
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """Command-line arguments with ``a.b.token=...``-style overrides and Hub tokens redacted."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        if sep and SECRET_KEY.match(key.rsplit(".", 1)[-1].lstrip("~")):
+            arg = f"{key}={REDACTED}"
+        out.append(HUB_TOKEN.sub("hf_" + REDACTED, arg))
+    return out
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -110,7 +142,7 @@ def record_start(output_dir: Path, *, seed: int, plugins: dict[str, str | None],
     info["starts"].append(
         {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": sys.argv,
+            "command": redact_argv(sys.argv),
             "seed": seed,
             "resumed_from": resumed_from,
             "plugins": plugins,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import yaml
 
@@ -71,3 +72,33 @@ def test_recipe_hub_repo_id_pushes_at_end(tmp_path, monkeypatch):
         assert main(["run", str(path)]) == 0
     assert hub.repos["me/auto"]["private"] is False and "tokplug.json" in hub.repos["me/auto"]["files"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train_loss"] > 0
+
+
+SECRET = "hf_" + "a1B2c3D4e5F6g7H8i9J0kLmNoPqR"
+
+
+def test_credentials_never_reach_written_files(tmp_path):
+    from hf_tokplug.rundir import redact_argv
+
+    from conftest import run_recipe
+
+    run_recipe(tmp_path, "run", model={"name_or_path": "toy://llama", "kwargs": {"token": SECRET}},
+               train={"hub_token": SECRET})
+    for name in ("recipe.resolved.yaml", "README.md", "run_info.json", "tokplug.json"):
+        text = (tmp_path / "run" / name).read_text()
+        assert SECRET not in text, name
+    assert "token: '***'" in (tmp_path / "run" / "recipe.resolved.yaml").read_text()
+    assert redact_argv(["run", "r.yaml", f"train.hub_token={SECRET}", f"x={SECRET}", "data.max_length=5"]) == [
+        "run", "r.yaml", "train.hub_token=***", "x=hf_***", "data.max_length=5"]
+
+
+def test_push_refuses_a_folder_that_holds_a_token(tmp_path):
+    from hf_tokplug.errors import TokPlugError
+    from hf_tokplug.hub import push_folder
+
+    from conftest import run_recipe
+
+    run_recipe(tmp_path, "run")
+    (tmp_path / "run" / "notes.txt").write_text(f"my token is {SECRET}\n")
+    with pytest.raises(TokPlugError, match="looks like a Hugging Face token"):
+        push_folder(tmp_path / "run", "me/run")
