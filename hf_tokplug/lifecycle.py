@@ -241,12 +241,36 @@ def trainer_created(ctx: RunContext, trainer: Any) -> Any:
 
 
 def train(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """Train (resuming when asked) or run the task's own loop; nothing for tasks that do not train."""
+    """Train (resuming when asked) or run the task's own loop; nothing for tasks that do not train.
+
+    Resuming from a checkpoint written at the run's last step does not train again (Trainer would run one step
+    past it): the checkpoint's weights and plugin state are loaded, and the run goes on to evaluate and save.
+    """
     if not ctx.traits.trains:
         return {}
-    if trainer is not None:
-        return dict(trainer.train(resume_from_checkpoint=task.resume_checkpoint()).metrics)
-    return dict(task.train(ctx, data) or {})
+    if trainer is None:
+        return dict(task.train(ctx, data) or {})
+    checkpoint = task.resume_checkpoint()
+    if checkpoint is not None and finished_at(Path(checkpoint), trainer.args):
+        trainer._load_from_checkpoint(checkpoint)
+        ctx.call("tokplug_restore", model_dir=checkpoint)
+        warnings.warn(f"{checkpoint} is the run's last step: nothing left to train, evaluating and saving it")
+        return {"resumed_finished_run": 1}
+    return dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+
+
+def finished_at(checkpoint: Path, args: Any) -> bool:
+    """Whether ``checkpoint`` already holds the last step of the run ``args`` describe: ``max_steps`` reached, or
+    (epoch-based runs) the checkpoint's own run had the same epochs and ended there."""
+    path = checkpoint / "trainer_state.json"
+    if not path.is_file():
+        return False
+    state = json.loads(path.read_text(encoding="utf-8"))
+    step = state.get("global_step", 0)
+    if args.max_steps and args.max_steps > 0:
+        return step >= args.max_steps
+    return bool(state.get("max_steps")) and step >= state["max_steps"] and \
+        state.get("num_train_epochs") == args.num_train_epochs
 
 
 def finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any], metrics: dict[str, Any]) -> dict[str, Any]:

@@ -62,3 +62,19 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     zb = json.loads((tmp_path / "killed" / "zloss_state.json").read_text())
     assert za["log_z_count"] == zb["log_z_count"]  # plugin state restored from the checkpoint, not restarted
     assert torch.isclose(torch.tensor(za["log_z_sum"]), torch.tensor(zb["log_z_sum"]), rtol=1e-4)
+
+
+def test_resuming_a_finished_run_trains_no_extra_step(tmp_path):
+    import torch
+
+    from conftest import read_log, run_recipe
+
+    train = {"save_strategy": "steps", "save_steps": 2}
+    first, _ = run_recipe(tmp_path, "run", train=train)
+    weights = {k: v.clone() for k, v in first.ctx.model.state_dict().items()}
+    with pytest.warns(UserWarning, match="last step: nothing left to train"):
+        again, _ = run_recipe(tmp_path, "run", train={**train, "resume_from_checkpoint": True}, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+    state = again.ctx.model.state_dict()
+    assert all(torch.equal(state[k], weights[k]) for k in weights)  # exactly the uninterrupted run's final weights
