@@ -191,9 +191,12 @@ class TokenWeighting:
         out.log_probs = log_probs * w.to(log_probs.dtype)
         self.applied = True
 
-    def done(self) -> None:
+    def reset(self) -> None:
         if getattr(self.trainer, "tokplug_applies_token_weights", False):
             self.trainer.tokplug_token_weights = None
+
+    def check(self) -> None:
+        """Raise when the weights reached no per-token loss (a trainer this mechanism does not cover)."""
         if not self.applied:
             from .errors import PluginError
 
@@ -292,7 +295,9 @@ def compute_loss_with_terms(
         for handle in handles:
             handle.remove()
         if weighting is not None:
-            weighting.done()
+            weighting.reset()
+    if weighting is not None:
+        weighting.check()
     loss, rest = (result[0], result[1:]) if return_outputs else (result, ())
     if not with_terms:
         return result
