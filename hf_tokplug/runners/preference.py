@@ -94,9 +94,8 @@ class PreferenceDPO(_TRLTask):
             return
         spec = self.recipe.model
         try:
-            policy = toy.load_tokenizer(spec.tokenizer or spec.name_or_path) if toy.is_toy(spec.tokenizer or spec.name_or_path) \
-                else _auto_tokenizer(spec.tokenizer or spec.name_or_path, offline)
-            theirs = toy.load_tokenizer(ref) if toy.is_toy(ref) else _auto_tokenizer(ref, offline)
+            policy = _tokenizer(spec.tokenizer or spec.name_or_path, offline)
+            theirs = _tokenizer(ref, offline)
         except Exception as exc:
             if offline:
                 self.notes.append(f"reference tokenizer of {ref!r} not checked (offline): {exc}")
@@ -273,7 +272,10 @@ class GRPO(_TRLTask):
                            callbacks=callbacks)
 
 
-def _auto_tokenizer(location: str, offline: bool) -> Any:
+def _tokenizer(location: str, offline: bool) -> Any:
+    """A tokenizer only (no weights): ``toy://`` ones, packaged models, Hub ids (cached only when ``offline``)."""
+    if toy.is_toy(location):
+        return toy.load_tokenizer(location)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(toy.resolve(location), local_files_only=offline)
