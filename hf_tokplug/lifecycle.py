@@ -128,14 +128,15 @@ def build_model(ctx: RunContext, task: Any = None, *, model: Any = None, peft_co
 
             set_seed(seed)  # LoRA init draws from the global RNG: same recipe, same adapter, any process
         peft_config = adapter_config(ctx, peft_config)
-        ctx.model = task.attach_adapter(ctx, ctx.model, peft_config) if task is not None else _peft(ctx.model, peft_config)
+        ctx.model = task.attach_adapter(ctx, ctx.model, peft_config) if task is not None else attach_peft(ctx.model, peft_config)
     ctx.call("tokplug_post_model_load", model=ctx.model)
     if task is not None:
         task.configure_model(ctx)
     return ctx.model
 
 
-def _peft(model: Any, peft_config: Any) -> Any:
+def attach_peft(model: Any, peft_config: Any) -> Any:
+    """``peft.get_peft_model``: how an adapter is attached unless a task attaches its own (diffusion UNets)."""
     from peft import get_peft_model
 
     return get_peft_model(model, peft_config)
@@ -281,11 +282,6 @@ def finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any], metri
     metrics.update(task.finish(ctx, trainer, data) or {})
     metrics.update(ctx.call("tokplug_evaluate"))
     return jsonable(metrics)
-
-
-def train_and_finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """:func:`train`, then :func:`finish`."""
-    return finish(ctx, task, trainer, data, train(ctx, task, trainer, data))
 
 
 RECOVERED = "recovered-model"

@@ -275,9 +275,7 @@ class Runner:
         return self.lora_config() if self.recipe.adapter is not None else None
 
     def attach_adapter(self, ctx: Run, model: Any, peft_config: Any) -> Any:
-        from peft import get_peft_model
-
-        return get_peft_model(model, peft_config)
+        return lifecycle.attach_peft(model, peft_config)
 
     def configure_model(self, ctx: Run) -> None:
         """After ``tokplug_post_model_load``: settings that tie the model to the tokenizer (a pad id, say)."""

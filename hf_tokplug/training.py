@@ -302,9 +302,7 @@ def compute_loss_with_terms(
     if not with_terms:
         return result
 
-    traits = ctx.traits
-    shift = traits.label_shift if traits is not None and traits.label_shift is not None else 1
-    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"), shift)
+    capture = ForwardCapture(loss, captured.get("output"), captured.get("hidden"), batch.shift)
     terms = ctx.call("tokplug_loss_terms", model=model, inputs=inputs, outputs=capture, batch=batch)
     if terms:
         scaled = _loss_scaled_for_ga(trainer, num_items_in_batch)

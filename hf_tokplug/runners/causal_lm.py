@@ -12,8 +12,12 @@ from ..traits import TaskTraits
 from ..task import Runner
 
 
-def _bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def precision_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """``bf16`` when the recipe sets no precision: TRL's configs default to bf16, which CPUs and older GPUs cannot
+    run."""
+    if "bf16" in train or "fp16" in train:
+        return {}
+    return {"bf16": torch.cuda.is_available() and torch.cuda.is_bf16_supported()}
 
 
 class CausalLMSFT(Runner):
@@ -34,9 +38,8 @@ class CausalLMSFT(Runner):
             # for plugin collators; TRL's own preparation is skipped.
             "dataset_kwargs": {**(train.get("dataset_kwargs") or {}), "skip_prepare_dataset": True},
             "remove_unused_columns": False,
+            **precision_defaults(train),
         }
-        if "bf16" not in train and "fp16" not in train:
-            forced["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
         return self.trainer_arguments(ctx, **forced)
 
     def configure_tokenizer(self, ctx: Run, tokenizer: Any) -> None:

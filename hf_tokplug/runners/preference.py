@@ -25,7 +25,7 @@ from ..errors import RecipeError
 from ..lifecycle import Run
 from ..modeling import is_peft
 from ..traits import TaskTraits
-from .causal_lm import CausalLMSFT
+from .causal_lm import CausalLMSFT, precision_defaults
 
 
 class _TRLTask(CausalLMSFT):
@@ -46,11 +46,7 @@ class _TRLTask(CausalLMSFT):
 
     def _trl_arguments(self, ctx: Run) -> Any:
         train = self.recipe.train
-        forced: dict[str, Any] = {}
-        if "bf16" not in train and "fp16" not in train:
-            from .causal_lm import _bf16_supported
-
-            forced["bf16"] = _bf16_supported()  # TRL defaults to bf16, which CPUs and older GPUs cannot run
+        forced: dict[str, Any] = precision_defaults(train)
         data = self.recipe.data
         if "max_length" not in train and data is not None and data.max_length is not None and self.config_name != "GRPOConfig":
             forced["max_length"] = data.max_length
