@@ -44,7 +44,9 @@ def runner_for(recipe_path: str, overrides: list[str]) -> Any:
             where=f"{source}: task",
             fix="pick one of the available tasks, or install the plugin that provides this one",
         )
-    return runners[recipe.task](recipe, source)
+    runner = runners[recipe.task](recipe, source)
+    runner.recipe_path = recipe_path
+    return runner
 
 
 # ------------------------------------------------------------------------------------------------------ commands

@@ -69,20 +69,38 @@ def is_local(spec: DatasetSpec) -> bool:
     return spec.path.startswith((".", "/", "~")) and os.path.exists(os.path.expanduser(spec.path))
 
 
-def load_split(spec: DatasetSpec) -> Any:
+def load_split(spec: DatasetSpec, key: str = "data.train", source: str = "<recipe>") -> Any:
+    """One split; a file that does not parse, an unknown split or a dataset that cannot be reached is a
+    :class:`RecipeError` naming the key (not the loader's traceback)."""
     if toy.is_toy(spec.path):
         return toy.load_toy_dataset(spec.path, spec.split)
     from datasets import load_dataset
 
-    return load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split, revision=spec.revision)
+    what = ", ".join(_local_files(spec)) or spec.path
+    try:
+        ds = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split, revision=spec.revision)
+    except Exception as exc:
+        text = describe_load_error(exc)
+        if "split" in text.lower() and spec.split not in ("train",):
+            fix = f"check {key}.split (a split the dataset has; `train` for plain data files)"
+        else:
+            fix = "check that the file is valid (json/jsonl: one JSON object per line, UTF-8) and the path is right"
+        raise RecipeError(f"cannot read {what}: {text}", where=f"{source}: {key}", fix=fix) from None
+    if len(ds) == 0:
+        raise RecipeError(f"{what} holds no examples", where=f"{source}: {key}", fix="check the data file / split")
+    return ds
 
 
-def load_data(data: DataSpec, seed: int) -> tuple[Any, Any | None]:
+def load_data(data: DataSpec, seed: int, source: str = "<recipe>") -> tuple[Any, Any | None]:
     """Train and eval datasets (eval may be held out from train with ``eval_size``)."""
-    train = load_split(data.train) if data.train is not None else None
-    evald = load_split(data.eval) if data.eval is not None else None
+    train = load_split(data.train, "data.train", source) if data.train is not None else None
+    evald = load_split(data.eval, "data.eval", source) if data.eval is not None else None
     if evald is None and data.eval_size and train is not None:
-        parts = train.train_test_split(test_size=data.eval_size, seed=seed)
+        size = data.eval_size
+        if isinstance(size, int) and size >= len(train) or len(train) < 2:
+            raise RecipeError(f"data.eval_size {size} leaves no training examples ({len(train)} in data.train)",
+                              where=f"{source}: data.eval_size", fix="hold out fewer examples, or give data.eval")
+        parts = train.train_test_split(test_size=size, seed=seed)
         train, evald = parts["train"], parts["test"]
     if train is not None and data.max_samples is not None:
         train = train.select(range(min(data.max_samples, len(train))))
@@ -162,3 +180,33 @@ def tokenize_dataset(dataset: Any, tokenizer: Any, data: DataSpec) -> Any:
         keep_in_memory=True,
     )
     return out.filter(lambda ex: any(x != -100 for x in ex["labels"]), keep_in_memory=True, desc="Dropping empty")
+
+def check_text_columns(dataset: Any, data: Any, split: str, source: str) -> None:
+    """The columns ``data.format`` (or the detected format) needs exist in this split."""
+    columns = set(dataset.column_names)
+    needed = {"chat": ("messages",), "prompt_completion": ("prompt", "completion"), "text": (data.text_field,)}
+    if len(dataset) == 0:
+        raise RecipeError(f"the {split} data has no examples", where=f"{source}: data.{split}",
+                          fix="check the data files, the split and data.max_samples")
+    if data.format == "auto":
+        try:
+            detect_format(dataset[0], data)
+        except RecipeError as exc:
+            raise RecipeError(exc.message, where=f"{source}: data.{split}", fix=exc.fix) from None
+        return
+    missing = [c for c in needed[data.format] if c not in columns]
+    if missing:
+        raise RecipeError(f"data.format is {data.format!r}, which needs column(s) {missing}; the {split} data has "
+                          f"{sorted(columns)}", where=f"{source}: data.format",
+                          fix="set data.format: auto (or the format the columns hold), or rename the columns")
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line for a ``datasets`` failure (they chain the parser's error under a generic one)."""
+    inner = exc
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if inner is not exc and str(inner).strip():
+        text += f" ({type(inner).__name__}: {str(inner).strip().splitlines()[0][:200]})"
+    return text

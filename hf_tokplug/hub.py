@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict
+
 from . import __version__, manager, toy
 from .errors import PluginError, TokPlugError
 from .modeling import is_peft
@@ -21,6 +23,7 @@ from .rundir import HUB_TOKEN, library_versions, write_json_atomic, write_text_a
 
 MANIFEST = "tokplug.json"
 FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PUSH_IGNORE = ["checkpoint-*", "checkpoint-*/**", ".*", "**/.*", "*.lock", "run_info.json"]
 
 
@@ -53,7 +56,7 @@ def check_state_files(ctx: Any) -> None:
     """Refuse state files that are not safetensors or JSON (``tokplug_save`` must never write pickle)."""
     for name, files in ctx.state_files.items():
         for filename in files:
-            if filename.endswith((".bin", ".pt", ".pkl", ".pickle")):
+            if filename.endswith(PICKLE_SUFFIXES):
                 raise PluginError(f"plugin {name!r} saved {filename}: only safetensors/JSON state is allowed")
 
 
@@ -120,14 +123,22 @@ def model_card(ctx: Any, metrics: dict[str, Any] | None, repo_id: str | None = N
 
 
 def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None, *,
-             save_state: Callable[[Any, Path], None], sections: Callable[[], list[str]]) -> Path:
-    """Save everything into a staging folder, then move it into ``output_dir`` (never a half-written folder).
+             save_state: Callable[[Any, Path], None], sections: Callable[[], list[str]],
+             record: Callable[[list[str]], None] | None = None) -> Path:
+    """Save everything into a staging folder, then move it into ``output_dir``; the folder is complete or not at
+    all for :func:`hf_tokplug.from_pretrained`.
 
-    ``save_state(ctx, folder)`` writes the plugins' state and the manifest; ``sections()`` returns the plugins'
-    model-card sections (the lifecycle passes the functions that fire ``tokplug_save`` / ``tokplug_model_card``).
+    The manifest (``tokplug.json``, which lists every saved file with its size) is the completion marker: an existing
+    one is removed before the first file moves and the new one moves last, so a save interrupted half-way leaves a
+    folder that is refused as incomplete, never a mix of old and new files that loads. ``save_state(ctx, folder)``
+    writes the plugins' state and the manifest; ``sections()`` returns the plugins' model-card sections (the
+    lifecycle passes the functions that fire ``tokplug_save`` / ``tokplug_model_card``); ``record(names)`` is told
+    the top-level names before they move (the run folder lists what runs wrote).
     """
+    from .rundir import STAGING_PREFIX
+
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".saving-", dir=output_dir))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
     try:
         model = ctx.model
         if model is not None:
@@ -138,12 +149,20 @@ def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, 
         if metrics is not None:
             write_json_atomic(staging / "metrics.json", metrics)
         write_text_atomic(staging / "README.md", model_card(ctx, metrics, repo_id, sections()))
-        unsafe = [p.name for p in staging.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
+        unsafe = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
         if unsafe:
             raise TokPlugError(f"refusing to save pickle files: {unsafe}", fix="save with safetensors")
-        for item in staging.iterdir():
+        data = json.loads((staging / MANIFEST).read_text(encoding="utf-8"))
+        data["files"] = {p.relative_to(staging).as_posix(): p.stat().st_size for p in sorted(staging.rglob("*"))
+                         if p.is_file() and p.name != MANIFEST}
+        write_json_atomic(staging / MANIFEST, data)
+        names = sorted(p.name for p in staging.iterdir())
+        if record is not None:
+            record(names)
+        (output_dir / MANIFEST).unlink(missing_ok=True)  # from here until the last move the folder is incomplete
+        for item in sorted(staging.iterdir(), key=lambda p: p.name == MANIFEST):
             target = output_dir / item.name
-            if target.is_dir():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             os.replace(item, target)
     finally:
@@ -151,16 +170,89 @@ def save_run(ctx: Any, output_dir: Path, metrics: dict[str, Any] | None = None, 
     return output_dir
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+class _PluginEntry(BaseModel):
+    name: str
+    version: str | None = None
+    config: dict[str, Any] = {}
+    state_files: list[str] = []
+
+
+class _Manifest(BaseModel):
+    """The fields of tokplug.json that restoring reads (others are kept as they are)."""
+
+    model_config = ConfigDict(extra="allow")
+    format_version: int
+    task: str | None = None
+    base_model: str | None = None
+    adapter: bool | None = None
+    embedding_rows: int | None = None
+    plugins: list[_PluginEntry] = []
+    added_tokens: list[dict[str, Any]] = []
+    task_state: dict[str, Any] = {}
+    files: dict[str, int] | None = None
+
+
+def _bad(folder: Path, message: str, fix: str = "save the model again (or download it again); do not edit "
+         "a saved folder by hand") -> TokPlugError:
+    return TokPlugError(f"{folder}: {message}", where=str(folder / MANIFEST), fix=fix)
+
+
+def read_manifest(folder: Path, *, check_files: bool = False, allow_pickle: bool = True) -> dict[str, Any]:
+    """tokplug.json of a saved folder, validated: its schema and version; with ``check_files``, every file it lists is
+    there with its saved size, state files lie inside the folder, and (unless ``allow_pickle``) no pickle weights."""
+    from pydantic import ValidationError
+
+    from .rundir import STAGING_PREFIX
+
     path = folder / MANIFEST
     if not path.is_file():
+        if any(folder.glob(STAGING_PREFIX + "*")) or any(folder.glob("*.safetensors")):
+            raise _bad(folder, f"no {MANIFEST}: the save into this folder did not finish (the manifest is written last)",
+                       fix="rerun (or resume) the run that saves here; a plain transformers model loads with "
+                           "transformers' from_pretrained")
         raise TokPlugError(
             f"{folder} has no {MANIFEST}: it was not saved by hf_tokplug",
             fix="load it with transformers' from_pretrained, or point at a folder written by `tokplug run` / ctx.save_pretrained",
         )
-    data = json.loads(path.read_text(encoding="utf-8"))
-    if data.get("format_version", 0) > FORMAT_VERSION:
-        raise TokPlugError(f"{path} has format {data['format_version']}; this hf_tokplug reads {FORMAT_VERSION}", fix="upgrade hf_tokplug")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(folder, f"{MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise _bad(folder, f"{MANIFEST} must hold a JSON object")
+    if isinstance(raw.get("format_version"), int) and raw["format_version"] > FORMAT_VERSION:
+        raise TokPlugError(f"{path} has format {raw['format_version']}; this hf_tokplug reads {FORMAT_VERSION}",
+                           fix="upgrade hf_tokplug")
+    try:
+        data = _Manifest.model_validate(raw).model_dump()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise _bad(folder, f"{MANIFEST} is invalid at {key or '(top level)'}: {err['msg']}") from None
+    if not check_files:
+        return data
+    for entry in data["plugins"]:
+        for name in entry["state_files"]:
+            target = folder / name
+            # lexically inside (a Hub snapshot's files are symlinks into its blob store, so no resolve())
+            if Path(name).is_absolute() or ".." in Path(os.path.normpath(name)).parts or os.path.normpath(name) == ".":
+                raise _bad(folder, f"plugin {entry['name']!r} lists state file {name!r} outside the folder")
+            if not target.is_file():
+                raise _bad(folder, f"state file {name!r} of plugin {entry['name']!r} is missing")
+    for name, size in (data["files"] or {}).items():
+        target = folder / name
+        if not target.is_file():
+            raise _bad(folder, f"{name} is missing (the manifest lists it)")
+        if target.stat().st_size != size:
+            raise _bad(folder, f"{name} has {target.stat().st_size} bytes, the manifest says {size} (truncated or "
+                       "replaced)")
+    if not allow_pickle:
+        pickles = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES
+                         and not any(part.startswith("checkpoint-") for part in p.relative_to(folder).parts))
+        if pickles:
+            raise _bad(folder, f"pickle files {pickles} in the folder: loading them can run arbitrary code, and "
+                       "hf_tokplug saves safetensors only",
+                       fix="remove them (or convert to safetensors); pass allow_pickle=True only for a folder you trust")
     return data
 
 

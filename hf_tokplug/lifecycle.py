@@ -28,8 +28,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import manager
-from .callback import TokPlugCallback, save_plugin_state
+from . import manager, toy
+from .checks import looks_local
+from .callback import TokPlugCallback, read_progress, save_plugin_state
 from .context import RunContext
 from .errors import PluginError, TokPlugError
 from .hub import push_folder, read_manifest, save_run
@@ -236,6 +237,9 @@ def trainer_created(ctx: RunContext, trainer: Any) -> Any:
     """Wrap this trainer instance's ``compute_loss`` and ``log`` (loss terms, plugin metrics, tokens/s; no class is
     patched), then fire ``tokplug_post_trainer_create``."""
     attach_loss_terms(trainer, ctx)
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", []):
+        if isinstance(callback, TokPlugCallback):
+            callback.take_rotation(trainer.args)
     ctx.trainer = trainer
     ctx.call("tokplug_post_trainer_create", trainer=trainer)
     return trainer
@@ -252,12 +256,22 @@ def train(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dic
     if trainer is None:
         return dict(task.train(ctx, data) or {})
     checkpoint = task.resume_checkpoint()
+    prior = read_progress(Path(checkpoint)) if checkpoint is not None else None
     if checkpoint is not None and finished_at(Path(checkpoint), trainer.args):
         trainer._load_from_checkpoint(checkpoint)
         ctx.call("tokplug_restore", model_dir=checkpoint)
         warnings.warn(f"{checkpoint} is the run's last step: nothing left to train, evaluating and saving it")
-        return {"resumed_finished_run": 1}
-    return dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+        metrics: dict[str, Any] = {"resumed_finished_run": 1}
+        if prior and prior.get("step"):
+            metrics["train_loss"] = prior["loss_sum"] / prior["step"]
+        return metrics
+    metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    step = trainer.state.global_step
+    if prior and step and "train_loss" in metrics:
+        # Trainer averages over the steps of this session only; the run's loss covers every step
+        session = metrics["train_loss"] * (step - prior["step"])
+        metrics["train_loss"] = (prior["loss_sum"] + session) / step
+    return metrics
 
 
 def finished_at(checkpoint: Path, args: Any) -> bool:
@@ -284,14 +298,14 @@ def finish(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any], metri
     return jsonable(metrics)
 
 
-RECOVERED = "recovered-model"
-
-
 def recover(ctx: RunContext, out: Path, error: BaseException) -> TokPlugError:
     """After training, something failed (a plugin's hook, the evaluation, the save): write the trained model as it
     is, with no plugin involved, into ``<output_dir>/recovered-model`` and return the error to raise, which names
     what failed and where the model is."""
+    from .rundir import RECOVERED, record_written
+
     folder = out / RECOVERED
+    record_written(out, [RECOVERED])
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if ctx.model is not None and hasattr(ctx.model, "save_pretrained"):
@@ -308,11 +322,16 @@ def recover(ctx: RunContext, out: Path, error: BaseException) -> TokPlugError:
                         fix=(getattr(error, "fix", None) or "fix the cause above") + f"; load the model from {folder}")
 
 
-def save(ctx: RunContext, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
+def save(ctx: RunContext, output_dir: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None,
+         run_folder: bool = False) -> Path:
     """Model, tokenizer, ``tokplug_save`` + manifest, metrics and the model card (``tokplug_model_card``), staged
-    and moved into ``output_dir``."""
+    and moved into ``output_dir`` (manifest last). ``run_folder``: ``output_dir`` is a recipe run's folder, whose
+    run_info.json lists what runs wrote there (``overwrite`` deletes only that)."""
+    from .rundir import record_written
+
+    record = (lambda names: record_written(output_dir, names)) if run_folder else None
     return save_run(ctx, output_dir, metrics, repo_id, save_state=save_plugin_state,
-                    sections=lambda: ctx.call("tokplug_model_card"))
+                    sections=lambda: ctx.call("tokplug_model_card"), record=record)
 
 
 # ------------------------------------------------------------------------------------------------------ entry points
@@ -331,9 +350,13 @@ def run(task: Any) -> dict[str, Any]:
     state = PartialState(cpu=not has_accelerator())
     recipe = task.recipe
     out = Path(recipe.output_dir)
-    lock = None
+    folder = None
     if state.is_main_process:
-        lock = prepare_output_dir(out, overwrite=recipe.overwrite, resuming=bool(task.resume_checkpoint()))
+        folder = prepare_output_dir(out, overwrite=recipe.overwrite, resuming=bool(task.resume_checkpoint()),
+                                    recipe_path=getattr(task, "recipe_path", None))
+        for note in folder.notes:
+            warnings.warn(note)
+    trained = False
     try:
         if state.is_main_process:
             task.write_run_header(ctx)
@@ -343,12 +366,13 @@ def run(task: Any) -> dict[str, Any]:
             build_model(ctx, task, pad_to_multiple_of=recipe.model.pad_to_multiple_of, seed=recipe.seed)
         data, collator = build_examples(ctx, task, raw)
         trainer = build_trainer(ctx, task, data, collator)
+        trained = True  # from here on the run folder keeps what it has (checkpoints, logs)
         metrics = train(ctx, task, trainer, data)
         try:
             metrics = finish(ctx, task, trainer, data, metrics)
             if state.is_main_process:
                 ctx.metrics = metrics
-                save(ctx, out, metrics, repo_id=recipe.hub.repo_id)
+                save(ctx, out, metrics, repo_id=recipe.hub.repo_id, run_folder=True)
         except Exception as exc:
             if not (ctx.traits.trains and state.is_main_process):
                 raise
@@ -359,9 +383,13 @@ def run(task: Any) -> dict[str, Any]:
                 metrics = {**metrics, "hub_commit": url}
         state.wait_for_everyone()
         return metrics
+    except BaseException:
+        if folder is not None and not trained:
+            folder.rollback()  # failed before training: the folder is as it was (a corrected rerun is not blocked)
+        raise
     finally:
-        if lock is not None:
-            lock.release()
+        if folder is not None:
+            folder.release()
 
 
 def apply(
@@ -435,25 +463,33 @@ def infer_task(model: Any) -> str | None:
     return None
 
 
-def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None) -> RunContext:
+def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = None, token: str | None = None,
+                    allow_pickle: bool = False) -> RunContext:
     """Restore model, tokenizer and plugin state from a saved folder or a Hub repo; returns the RunContext.
 
-    Order: the manifest's plugins are instantiated from their saved configs, the task loads the model and tokenizer
-    (``Runner.load_pretrained``), then ``tokplug_restore`` fires.
+    The folder is checked first: tokplug.json's schema and version, every file it lists present with its saved size
+    (a save that did not finish, or a truncated or swapped file, is refused), plugin state files inside the folder,
+    and no pickle weights unless ``allow_pickle=True`` (hf_tokplug saves safetensors only). Then the manifest's
+    plugins are instantiated from their saved configs, the task loads the model and tokenizer
+    (``Runner.load_pretrained``), and ``tokplug_restore`` fires. Every failure names the folder (and the plugin).
     """
     folder = Path(path_or_repo)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
         folder = Path(snapshot_download(str(path_or_repo), revision=revision, token=token))
-    data = read_manifest(folder)
+    data = read_manifest(folder, check_files=True, allow_pickle=allow_pickle)
     for entry in data["plugins"]:
         installed = manager.plugin_version(entry["name"])
         if entry.get("version") and installed and installed != entry["version"]:
             warnings.warn(f"plugin {entry['name']!r} was saved with version {entry['version']}, {installed} is installed")
     ctx = Run.create([(p["name"], p["config"]) for p in data["plugins"]], where=str(folder / "tokplug.json"))
     ctx.task, ctx.base_model, ctx.output_dir = data.get("task"), data.get("base_model"), folder
-    ctx.added_tokens = [AddedToken(**t) for t in data.get("added_tokens", [])]
+    try:
+        ctx.added_tokens = [AddedToken(**t) for t in data.get("added_tokens", [])]
+    except TypeError as exc:
+        raise TokPlugError(f"{folder / 'tokplug.json'}: invalid added_tokens entry ({exc})",
+                           fix="save the model again; do not edit a saved folder by hand") from None
     runners = manager.registries().runners
     if ctx.task not in runners:
         raise TokPlugError(
@@ -461,7 +497,21 @@ def from_pretrained(path_or_repo: str | os.PathLike, *, revision: str | None = N
             fix="install the plugin that provides the task (for hf_tokplug.apply, pass task=...)",
         )
     ctx.traits = getattr(runners[ctx.task], "traits", None)
-    runners[ctx.task].load_pretrained(ctx, folder, data)
+    base = data.get("base_model")
+    if data.get("adapter") and isinstance(base, str) and not toy.is_toy(base) and looks_local(base) \
+            and not Path(base).expanduser().exists():
+        raise TokPlugError(f"{folder / 'tokplug.json'}: the adapter's base model {base!r} is a path that does not exist",
+                           fix="restore the base model at that path, or load the adapter with peft onto the base "
+                               "model yourself")
+    try:
+        runners[ctx.task].load_pretrained(ctx, folder, data)
+    except TokPlugError:
+        raise
+    except Exception as exc:
+        raise TokPlugError(f"{folder}: loading the saved model failed: {type(exc).__name__}: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                           fix="the folder's weights or tokenizer files are damaged or were replaced: save or "
+                               "download it again (--debug shows the traceback)") from exc
     for entry in data["plugins"]:
         ctx.state_files[entry["name"]] = list(entry.get("state_files", []))
     ctx.call("tokplug_restore", model_dir=str(folder))

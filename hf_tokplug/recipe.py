@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
 
@@ -35,10 +35,12 @@ class ModelSpec(Strict):
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     tokenizer: str | None = Field(None, description="Tokenizer location when it differs from name_or_path.")
-    trust_remote_code: bool = Field(False, description="Allow model code from the Hub (LLaDA, Dream). Off by default.")
+    trust_remote_code: StrictBool = Field(
+        False, description="Allow model code from the Hub (LLaDA, Dream). Off by default; `tokplug validate` never "
+        "runs remote code (it reads config.json only), `tokplug run` does.")
     attn_implementation: str | None = Field(None, description="e.g. sdpa or flash_attention_2 on GPU.")
     pad_to_multiple_of: int | None = Field(
-        None, description="Pad the embedding matrix to a multiple of this when plugins add tokens."
+        None, ge=1, description="Pad the embedding matrix to a multiple of this when plugins add tokens."
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra from_pretrained keyword arguments.")
 
@@ -72,14 +74,29 @@ class DataSpec(Strict):
         "auto", description="auto detects messages / prompt+completion / text columns."
     )
     text_field: str = Field("text", description="Column holding raw text for the text format.")
-    max_length: int | None = Field(512, description="Truncate tokenized examples to this many tokens.")
-    max_samples: int | None = Field(None, description="Use at most this many training examples.")
-    assistant_only_loss: bool = Field(
+    max_length: int | None = Field(512, ge=1, description="Truncate tokenized examples to this many tokens.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many training examples.")
+    assistant_only_loss: StrictBool = Field(
         False, description="Chat data: train only on assistant turns (needs {% generation %} in the template)."
     )
-    completion_only_loss: bool | None = Field(
+    completion_only_loss: StrictBool | None = Field(
         None, description="Prompt/completion data: train only on the completion (default: true, like TRL)."
     )
+
+    @field_validator("eval_size")
+    @classmethod
+    def _eval_size(cls, value: Any) -> Any:
+        """A fraction in (0, 1) or a whole number of examples (>= 1), like ``train_test_split``'s ``test_size``."""
+        if value is None:
+            return value
+        if isinstance(value, float):
+            if 0 < value < 1:
+                return value
+            whole = f"; write {int(value)} for that many examples" if value.is_integer() and value >= 1 else ""
+            raise ValueError(f"{value} is not a fraction strictly between 0 and 1{whole}")
+        if value < 1:
+            raise ValueError("give a fraction in (0, 1) or a number of examples >= 1")
+        return value
 
     @field_validator("train", "eval", mode="before")
     @classmethod
@@ -110,8 +127,21 @@ class HubSpec(Strict):
     """Upload the finished run with huggingface_hub (needs a token: HF_TOKEN or `hf auth login`)."""
 
     repo_id: str | None = Field(None, description="Repository to push to at the end of the run; null: no push.")
-    private: bool = Field(True, description="Create the repository as private.")
+    private: StrictBool = Field(True, description="Create the repository as private.")
     revision: str | None = Field(None, description="Branch to push to.")
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        """Checked here, not after training: ``user/name`` (or ``name``) with letters, digits, ``-_.``."""
+        if value is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(value)
+            except HFValidationError as exc:
+                raise ValueError(f"not a valid Hub repository id ({exc})") from None
+        return value
 
 
 class Recipe(Strict):
@@ -131,8 +161,25 @@ class Recipe(Strict):
         default_factory=dict, description="Options of the task itself, validated by the runner (see the task's docs)."
     )
     output_dir: str = Field("runs/{task}", description="Run folder; {task} is replaced by the task name.")
-    overwrite: bool = Field(False, description="Replace a previous run in output_dir (never an unrelated folder).")
+    overwrite: StrictBool = Field(
+        False, description="Replace a previous run in output_dir: deletes only what tokplug runs wrote there (never an "
+        "unrelated folder, the current directory, or the run whose own recipe is being run).")
     hub: HubSpec = Field(default_factory=HubSpec, description="Upload at the end of the run (see the hub section).")
+
+    @field_validator("train")
+    @classmethod
+    def _seed(cls, value: dict[str, Any]) -> dict[str, Any]:
+        seed = value.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"train.seed must be a whole number, got {seed!r}")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output_dir is empty")
+        return value
 
     @model_validator(mode="after")
     def _fill(self) -> Recipe:
@@ -169,6 +216,23 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    """Mappings refuse duplicate keys (YAML would silently keep the last one)."""
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); a key may appear once",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+
 def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
@@ -176,7 +240,7 @@ def _yaml_load(text: str) -> Any:
 def _parse_value(raw: str) -> Any:
     try:
         return _yaml_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return raw
 
 
@@ -261,11 +325,20 @@ def load_recipe_dict(path: str | os.PathLike) -> dict[str, Any]:
             fix="give a path to a YAML recipe, or copy a built-in one with `tokplug recipes cp NAME DEST`",
         )
     try:
-        data = _yaml_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start}): is this a recipe?", where=str(path),
+                          fix="save the recipe as UTF-8 YAML") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe: {exc.strerror or exc}", where=str(path)) from None
+    try:
+        data = _yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError(f"not valid YAML{at}: {getattr(exc, 'problem', exc)}", where=str(path)) from None
+    except RecursionError:
+        raise RecipeError("the YAML is nested too deeply to be a recipe", where=str(path)) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a YAML mapping (task:, model:, ...)", where=str(path))
     return data
@@ -276,6 +349,8 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise _format_validation(exc, source) from None
+    except RecursionError:
+        raise RecipeError("the recipe is nested too deeply", where=source) from None
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:

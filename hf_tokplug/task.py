@@ -35,6 +35,25 @@ from .traits import TaskTraits
 __all__ = ["Runner", "jsonable"]
 
 
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set: the run would not reach the Hub either, so what is not cached is an error."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+class _RawConfig:
+    """config.json's fields as attributes (remote-code models, read without running their code)."""
+
+    def __init__(self, raw: dict[str, Any]):
+        self.__dict__.update(raw)
+        self.model_type = raw.get("model_type")
+        self.auto_map = raw.get("auto_map")
+
+    def get_text_config(self) -> Any:
+        return self
+
+
 class Runner:
     """Base class for tasks registered with ``tokplug_register_runners``.
 
@@ -65,6 +84,7 @@ class Runner:
         self.notes: list[str] = []
         self._configs: dict[bool, Any] = {}
         self.ctx: Run | None = None  # set by run(): the model, tokenizer and plugins after the run
+        self.recipe_path: str | None = None  # the recipe file (set by the CLI): overwrite never deletes it
 
     # ------------------------------------------------------------------------------------------------ checks
 
@@ -112,13 +132,59 @@ class Runner:
         return traits
 
     def check(self, offline: bool) -> None:
-        """The task's checks before anything loads: model/task fit, data, trainer arguments, the adapter block."""
+        """The task's checks before anything loads: locations, model/task fit, data, trainer arguments, the adapter."""
+        self.check_locations(offline)
         self.check_model(offline)
         self.check_data()
         self.check_train_args()
+        self.check_run_folder()
         if self.resolve_traits().adapter == "none" and self.recipe.adapter is not None:
             raise RecipeError(f"task {self.task!r} trains no adapter", where=f"{self.source}: adapter",
                               fix="remove the adapter block (~adapter)")
+        self.check_adapter(offline)
+
+    def check_locations(self, offline: bool) -> None:
+        """``model.name_or_path`` / ``model.tokenizer``: a ``toy://`` name that exists, a local folder that exists, or
+        a valid Hub id (a path that is neither is an error here, not a Hub lookup later)."""
+        from .checks import check_location
+
+        spec = self.recipe.model
+        check_location(spec.name_or_path, f"{self.source}: model.name_or_path")
+        if spec.tokenizer is not None:
+            check_location(spec.tokenizer, f"{self.source}: model.tokenizer")
+
+    def check_run_folder(self) -> None:
+        """``output_dir`` is a folder (or does not exist yet); ``resume_from_checkpoint`` points at a checkpoint."""
+        out = Path(self.recipe.output_dir)
+        if out.exists() and not out.is_dir():
+            raise RecipeError(f"output_dir {out} is a file", where=f"{self.source}: output_dir",
+                              fix="choose a folder path (e.g. output_dir=runs/my-run)")
+        value = self.recipe.train.get("resume_from_checkpoint")
+        if value in (None, False):
+            return
+        if value is True:
+            self.resume_checkpoint()  # the latest complete checkpoint must exist
+            return
+        if not isinstance(value, str) or not Path(value).is_dir():
+            raise RecipeError(f"train.resume_from_checkpoint {value!r} is not a checkpoint folder",
+                              where=f"{self.source}: train.resume_from_checkpoint",
+                              fix="give the path of a checkpoint-N folder, or `true` for the latest in output_dir")
+        if not (Path(value) / "trainer_state.json").is_file():
+            raise RecipeError(f"{value} holds no trainer_state.json: not a (complete) Trainer checkpoint",
+                              where=f"{self.source}: train.resume_from_checkpoint",
+                              fix="point at a checkpoint-N folder written by a run")
+
+    def check_adapter(self, offline: bool) -> None:
+        """LoRA ``target_modules`` (and ``modules_to_save``) must name modules of the model: checked on an empty
+        (meta-device) model built from the config, so nothing is loaded."""
+        from .checks import check_adapter_targets
+
+        if self.recipe.adapter is None or self.auto_class is None or self.model_mapping is None:
+            return
+        config = self.model_config(offline)
+        if config is None or getattr(config, "auto_map", None):
+            return  # no config, or remote code (never run by validate): the adapter is checked when it attaches
+        check_adapter_targets(self, config)
 
     def model_config(self, offline: bool) -> Any | None:
         """The model's config (fetched once per runner: validation and loading share it)."""
@@ -133,24 +199,36 @@ class Runner:
                 return toy.toy_config(spec.name_or_path)
             except Exception as exc:
                 raise RecipeError(str(exc), where=f"{self.source}: model.name_or_path") from None
-        from transformers import AutoConfig
+        from transformers import AutoConfig, PretrainedConfig
 
+        asked_offline, offline = offline, offline or _hub_offline()
         try:
+            if spec.trust_remote_code:
+                # Never run the model's own code to validate: config.json's fields are enough for the checks
+                # (model_type, auto_map); `tokplug run` executes the remote code when it loads the model.
+                raw, _ = PretrainedConfig.get_config_dict(toy.resolve(spec.name_or_path), revision=spec.revision,
+                                                          local_files_only=offline)
+                return _RawConfig(raw)
             return AutoConfig.from_pretrained(
-                toy.resolve(spec.name_or_path), revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                toy.resolve(spec.name_or_path), revision=spec.revision, trust_remote_code=False,
                 local_files_only=offline,
             )
         except Exception as exc:
-            if offline:
+            if asked_offline:  # `validate --offline`: what is not cached is skipped, with a note
                 self.notes.append(f"model config of {spec.name_or_path!r} is not cached; model/task check skipped (offline)")
                 return None
+            from .checks import location_problem
+
             raise RecipeError(
-                f"cannot load the config of {spec.name_or_path!r}: {exc}",
+                f"cannot load the config of {spec.name_or_path!r}: {location_problem(spec.name_or_path, exc)}",
                 where=f"{self.source}: model.name_or_path",
                 fix="check the Hub id or local path (and your network / HF token for private models)",
             ) from None
 
     def check_model(self, offline: bool) -> None:
+        from .checks import check_attn_implementation
+
+        check_attn_implementation(self.recipe.model.attn_implementation, f"{self.source}: model.attn_implementation")
         config = self.model_config(offline)
         if config is None or self.model_mapping is None:
             return
@@ -219,6 +297,11 @@ class Runner:
                 )
         if "output_dir" in self.recipe.train:
             raise RecipeError("set output_dir at the top level of the recipe, not under train", where=f"{self.source}: train.output_dir")
+        from .checks import check_train_values
+
+        data = self.recipe.data
+        has_eval = data is not None and (data.eval is not None or bool(data.eval_size))
+        check_train_values(self.recipe.train, self.source, has_eval=has_eval, args_class=cls)
 
     # ------------------------------------------------------------------------------------------------ parts
 
@@ -228,7 +311,7 @@ class Runner:
 
         if self.recipe.data is None:
             return {}
-        train, evald = load_data(self.recipe.data, self.recipe.seed)
+        train, evald = load_data(self.recipe.data, self.recipe.seed, self.source)
         return {split: ds for split, ds in (("train", train), ("eval", evald)) if ds is not None}
 
     def load_tokenizer(self, ctx: Run) -> Any:

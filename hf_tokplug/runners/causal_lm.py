@@ -51,6 +51,14 @@ class CausalLMSFT(Runner):
         if getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = ctx.tokenizer.pad_token_id
 
+    def read_data(self, ctx: Run) -> dict[str, Any]:
+        from ..data import check_text_columns
+
+        raw = super().read_data(ctx)
+        for split, ds in raw.items():
+            check_text_columns(ds, self.recipe.data, split, self.source)
+        return raw
+
     def examples(self, ctx: Run, raw: dict[str, Any]) -> dict[str, Any]:
         return {split: tokenize_dataset(ds, ctx.tokenizer, self.recipe.data) for split, ds in raw.items()}
 

@@ -24,6 +24,7 @@ from .. import toy
 from ..errors import RecipeError
 from ..lifecycle import Run
 from ..modeling import is_peft
+from ..task import Runner
 from ..traits import TaskTraits
 from .causal_lm import CausalLMSFT, precision_defaults
 
@@ -32,6 +33,9 @@ class _TRLTask(CausalLMSFT):
     """Shared parts: a causal LM (or its sequence-classification form) on one TRL trainer."""
 
     config_name: str  # the trl config class
+
+    def read_data(self, ctx: Run) -> dict[str, Any]:
+        return Runner.read_data(self, ctx)  # TRL's columns (each task checks its own), not SFT's text formats
 
     def training_args_class(self) -> type:
         import trl
