@@ -46,17 +46,75 @@ def check_dataset_spec(spec: DatasetSpec, key: str, source: str) -> None:
     for pattern in _local_files(spec):
         if "://" in pattern:
             continue
-        if not glob.glob(pattern):
+        matches = glob.glob(pattern)
+        if not matches:
             raise RecipeError(
                 f"data file not found: {pattern} (looked in {os.path.abspath(pattern)})",
                 where=f"{source}: {key}.data_files",
                 fix="relative paths resolve against the current directory; check the path or run from the right folder",
             )
+        if spec.path in TEXT_BUILDERS:
+            for path in matches:
+                check_text_file(path, f"{source}: {key}")
     # `org/name` is a Hub id; only an explicit local path (./x, ../x, /x, ~/x) can be checked here
     if spec.data_files is None and spec.path.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(spec.path)):
         raise RecipeError(
             f"dataset folder not found: {spec.path}", where=f"{source}: {key}.path", fix="check the path"
         )
+
+
+TEXT_BUILDERS = ("json", "csv", "text")  # builders that read text files (checked for UTF-8 before parsing)
+
+
+def check_text_file(path: str, where: str) -> None:
+    """A data file for a text builder must be UTF-8 text: binary input is refused here (pyarrow's JSON reader can
+    crash the process on it)."""
+    if os.path.isdir(path):
+        return
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    problem = None
+    if b"\x00" in head:
+        problem = "holds NUL bytes: it is a binary file, not text"
+    else:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if len(head) < 1 << 16 or exc.start < len(head) - 4:  # not a character cut by the sample's end
+                problem = f"is not UTF-8 text (byte {exc.start} is {head[exc.start]:#04x})"
+    if problem is None and path.endswith((".jsonl", ".json")):
+        problem = _json_lines_problem(head, complete=len(head) < 1 << 16)
+    if problem:
+        raise RecipeError(f"data file {path} {problem}", where=where,
+                          fix="convert the file to UTF-8 text (json/jsonl: one JSON object per line)")
+
+
+def _json_lines_problem(head: bytes, complete: bool) -> str | None:
+    """JSON Lines rows must be objects (pyarrow's reader can crash on other rows); a file that starts with ``[`` is
+    one JSON array, left to the loader."""
+    import json
+
+    text = head.decode("utf-8", errors="ignore")
+    if text.lstrip().startswith("["):
+        return None
+    lines = text.splitlines()
+    if not complete:
+        lines = lines[:-1]  # the sample may cut the last line
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            if number == 1 and text.lstrip().startswith("{"):  # one (pretty-printed) JSON document?
+                try:
+                    return None if not complete or isinstance(json.loads(text), dict) else "is not a JSON object"
+                except ValueError:
+                    pass
+            return f"line {number} is not valid JSON ({exc.msg})"
+        if not isinstance(row, dict):
+            return f"line {number} is a JSON {type(row).__name__}, not an object (one {{...}} per line)"
+    return None
 
 
 def is_local(spec: DatasetSpec) -> bool:
@@ -76,7 +134,12 @@ def load_split(spec: DatasetSpec, key: str = "data.train", source: str = "<recip
         return toy.load_toy_dataset(spec.path, spec.split)
     from datasets import load_dataset
 
+    import logging
+
     what = ", ".join(_local_files(spec)) or spec.path
+    quiet = logging.getLogger("datasets")  # its builders log the parser's traceback before raising: one message
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ds = load_dataset(spec.path, name=spec.name, data_files=spec.data_files, split=spec.split, revision=spec.revision)
     except Exception as exc:
@@ -86,6 +149,8 @@ def load_split(spec: DatasetSpec, key: str = "data.train", source: str = "<recip
         else:
             fix = "check that the file is valid (json/jsonl: one JSON object per line, UTF-8) and the path is right"
         raise RecipeError(f"cannot read {what}: {text}", where=f"{source}: {key}", fix=fix) from None
+    finally:
+        quiet.setLevel(level)
     if len(ds) == 0:
         raise RecipeError(f"{what} holds no examples", where=f"{source}: {key}", fix="check the data file / split")
     return ds

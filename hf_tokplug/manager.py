@@ -90,12 +90,35 @@ def _entry_point_plugins(allow: str | None) -> dict[str, PluginInfo]:
             continue
         dist = ep.dist.name if ep.dist is not None else None
         version = ep.dist.version if ep.dist is not None else None
+        if ep.name in found and found[ep.name].dist != dist:
+            first = found[ep.name]
+            error = PluginError(f"plugin name {ep.name!r} is registered by two packages: {first.dist} ({first.source}) "
+                                f"and {dist} ({ep.value})", fix="uninstall one of the two packages")
+            _skip(ep.name, ep.value, dist, error)
+            found[ep.name] = PluginInfo(ep.name, f"{first.source} | {ep.value}", f"{first.dist}, {dist}", None, None,
+                                        error)
+            continue
         try:
             cls, error = ep.load(), None
-        except Exception as exc:  # an import error is reported when the plugin is used, not at discovery
+        except (Exception, SystemExit) as exc:  # skipped here; fails only the runs that enable it
             cls, error = None, exc
+            _skip(ep.name, ep.value, dist, exc)
         found[ep.name] = PluginInfo(ep.name, ep.value, dist, version, cls, error)
     return found
+
+
+def _skip(name: str, value: str, dist: str | None, error: BaseException) -> None:
+    import warnings
+
+    warnings.warn(f"hf_tokplug: skipping plugin entry point {name!r} = {value!r} (package {dist or 'unknown'}): "
+                  f"{type(error).__name__}: {error}; runs that enable it fail, others are not affected",
+                  stacklevel=3)
+
+
+def _disable(info: PluginInfo, error: BaseException) -> None:
+    """A plugin that imported but cannot be set up (invalid hooks, a setup hook that raises) is skipped too."""
+    _skip(info.name, info.source, info.dist, error)
+    info.cls, info.error = None, error
 
 
 def installed_plugins() -> dict[str, PluginInfo]:
@@ -225,9 +248,17 @@ def _setup_manager() -> pluggy.PluginManager:
         )
     order = [n for n in sorted(plugins) if n != HOST_ENTRY_POINT]
     for name in [*reversed(order), HOST_ENTRY_POINT]:
-        if plugins[name].cls is not None:
+        if plugins[name].cls is None:
+            continue
+        try:
             pm.register(plugins[name].cls, name=name)
-    _check(pm)
+            _check(pm)
+        except (PluginError, pluggy.PluginValidationError, ValueError) as exc:
+            if name == HOST_ENTRY_POINT:
+                raise
+            if pm.get_plugin(name) is not None:
+                pm.unregister(name=name)
+            _disable(plugins[name], exc)
     return pm
 
 
@@ -258,7 +289,14 @@ def registries() -> Registries:
         ("tokplug_register_commands", regs.commands, "command"),
     ):
         for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
-            impl.function(_collector(kind, target, lambda impl=impl: impl.plugin_name))
+            try:
+                impl.function(_collector(kind, target, lambda impl=impl: impl.plugin_name))
+            except Exception as exc:
+                info = installed_plugins().get(impl.plugin_name)
+                if impl.plugin_name == HOST_ENTRY_POINT or info is None:
+                    raise
+                _disable(info, PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: "
+                                           f"{type(exc).__name__}: {exc}"))
     return regs
 
 
