@@ -479,7 +479,8 @@ class Runner:
         out = Path(self.recipe.output_dir)
         write_text_atomic(
             out / "recipe.resolved.yaml",
-            f"# tokplug run {out / 'recipe.resolved.yaml'}\n" + dump_resolved(self.recipe, ctx.plugin_configs()),
+            f"# reproduce: tokplug run {out / 'recipe.resolved.yaml'} output_dir={out}-repro\n"
+            + dump_resolved(self.recipe, ctx.plugin_configs()),
         )
         resume = self.resume_checkpoint()
         record_start(

@@ -30,7 +30,7 @@ MOMENTS = {
 
 
 def _spawn(recipe: Path, *overrides: str, kill_at: str = "") -> subprocess.Popen:
-    env = {**os.environ, "TOKPLUG_KILL_AT": kill_at, "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "TOKPLUG_KILL_AT": kill_at, "PYTHONPATH": str(REPO / "tests"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "tests" / "kill_run.py"), "run", str(recipe), *overrides],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -67,6 +67,7 @@ def test_kill_at_each_moment_then_resume_matches_the_uninterrupted_run(tmp_path)
         metrics = json.loads((run / "metrics.json").read_text())
         assert metrics["train_loss"] == pytest.approx(ref_metrics["train_loss"], abs=1e-5), name  # the whole run's
         assert metrics["eval_loss"] == pytest.approx(ref_metrics["eval_loss"], abs=1e-6), name
+        assert metrics["eval_num_tokens"] == ref_metrics["eval_num_tokens"], name  # TRL's token count: the whole run
         assert not list(run.glob(".saving-*")), f"{name}: staging leftovers were not cleaned"
         assert json.loads((run / "zloss_state.json").read_text())["log_z_count"] == \
             json.loads((tmp_path / "reference" / "zloss_state.json").read_text())["log_z_count"], name
@@ -92,6 +93,18 @@ def test_failed_run_before_training_leaves_nothing_and_does_not_block_the_rerun(
     monkeypatch.undo()
     assert main(["run", str(recipe)]) == 0
     assert (out / "tokplug.json").is_file()
+
+
+def test_a_runs_resolved_recipe_reproduces_it_into_another_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_recipe(tmp_path, "run", plugins={"zloss": {"weight": 1e-3}})
+    resolved = tmp_path / "run" / "recipe.resolved.yaml"
+    first_line = resolved.read_text().splitlines()[0]
+    assert first_line == f"# reproduce: tokplug run {resolved} output_dir={tmp_path / 'run'}-repro"
+    assert main(["run", str(resolved), f"output_dir={tmp_path / 'run'}-repro"]) == 0, capsys.readouterr().err
+    a = load_file(str(tmp_path / "run" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run-repro" / "model.safetensors"))
+    assert all((a[k] - b[k]).abs().max().item() == 0 for k in a)
 
 
 def test_leftovers_of_a_killed_early_run_are_cleared(tmp_path):
