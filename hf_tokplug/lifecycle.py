@@ -264,6 +264,8 @@ def train(ctx: RunContext, task: Any, trainer: Any, data: dict[str, Any]) -> dic
         metrics: dict[str, Any] = {"resumed_finished_run": 1}
         if prior and prior.get("step"):
             metrics["train_loss"] = prior["loss_sum"] / prior["step"]
+            if "tokens" in prior and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = prior["tokens"]  # TRL reports the run's token count with eval
         return metrics
     metrics = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
     step = trainer.state.global_step
