@@ -138,7 +138,7 @@ _AT_LEAST: dict[str, tuple[float, str]] = {
 _POSITIVE = {"logging_steps", "save_steps", "eval_steps", "num_train_epochs"}
 
 
-def check_train_values(train: dict[str, Any], source: str, *, has_eval: bool, args_class: type) -> None:
+def check_train_values(train: dict[str, Any], source: str, *, has_eval: bool) -> None:
     """Values TrainingArguments accepts but training cannot use (a zero batch, a negative learning rate, ...)."""
     for key, value in train.items():
         where = f"{source}: train.{key}"

@@ -97,6 +97,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "TokenLoss": ("training", "TokenLoss"),
     "ForwardCapture": ("training", "ForwardCapture"),
     "TokenBatch": ("training", "TokenBatch"),
+    "FrozenLogProbs": ("training", "FrozenLogProbs"),
+    "reference_log_probs": ("training", "reference_log_probs"),
     "unwrap": ("modeling", "unwrap"),
     "peft_base": ("modeling", "peft_base"),
     "is_peft": ("modeling", "is_peft"),

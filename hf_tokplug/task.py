@@ -301,7 +301,7 @@ class Runner:
 
         data = self.recipe.data
         has_eval = data is not None and (data.eval is not None or bool(data.eval_size))
-        check_train_values(self.recipe.train, self.source, has_eval=has_eval, args_class=cls)
+        check_train_values(self.recipe.train, self.source, has_eval=has_eval)
 
     # ------------------------------------------------------------------------------------------------ parts
 

@@ -109,6 +109,91 @@ class TokenBatch:
                           self.attention_mask, self.input_ids)
 
 
+class FrozenLogProbs:
+    """Per-token log-probabilities of a frozen model on the rows of a :class:`TokenBatch`, for plugins that weight
+    tokens by another model's view (TGDPO's reward model and reference, a history model's losses).
+
+    ``scorer(batch)`` returns ``(B, T)`` float32 in the batch's *output* frame: entry t is
+    ``log p(batch.targets[:, t])`` where output position t is scored, 0 elsewhere. The forward runs without gradient,
+    in eval mode (dropout off; the training flag is restored), with the adapter disabled when
+    ``disable_adapter=True`` (a PEFT policy's base is DPO's reference under LoRA). Results are cached per row
+    (keyed by the row's ids, mask and targets with right padding trimmed), so a frozen model is run once per
+    distinct example however many epochs see it; ``cache=False`` turns that off.
+
+    Args:
+        model: a transformers model (or PEFT model) whose forward returns ``logits``.
+        disable_adapter: score with the PEFT adapter disabled (the base model).
+        cache: keep each row's result (on CPU) for the next time the same row comes.
+    """
+
+    def __init__(self, model: Any, *, disable_adapter: bool = False, cache: bool = True):
+        self.model, self.disable_adapter, self.cache = model, disable_adapter, cache
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def _key(ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> tuple[bytes, int]:
+        valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        length = int(valid.nonzero().max()) + 1 if valid.any() else 0
+        parts = [ids[:length], targets[:length]] + ([mask[:length]] if mask is not None else [])
+        return b"|".join(p.detach().to("cpu", torch.int64).numpy().tobytes() for p in parts), length
+
+    def __call__(self, batch: TokenBatch) -> torch.Tensor:
+        if batch.input_ids is None:
+            raise ValueError("FrozenLogProbs needs batch.input_ids (the trainer's batch carries no token ids)")
+        ids, mask, targets = batch.input_ids, batch.attention_mask, batch.targets
+        out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+        keys = [self._key(ids[i], None if mask is None else mask[i], targets[i]) for i in range(ids.shape[0])]
+        todo = [i for i, (key, _) in enumerate(keys) if not (self.cache and key in self.rows)]
+        self.hits += ids.shape[0] - len(todo)
+        self.misses += len(todo)
+        if todo:
+            scored = self._score(ids[todo], None if mask is None else mask[todo], targets[todo])
+            for j, i in enumerate(todo):
+                key, length = keys[i]
+                out[i, :length] = scored[j, :length]
+                if self.cache:
+                    self.rows[key] = scored[j, :length].cpu()
+        for i, (key, length) in enumerate(keys):
+            if i not in todo:
+                out[i, :length] = self.rows[key].to(out.device)
+        return out
+
+    @torch.no_grad()
+    def _score(self, ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        import contextlib
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        peft_model = getattr(model, "module", model)  # under DDP / accelerate wrappers, keeping the PEFT model
+        adapter_off = peft_model.disable_adapter() if self.disable_adapter else contextlib.nullcontext()
+        try:
+            with adapter_off:
+                logits = model(input_ids=ids, attention_mask=mask).logits
+        finally:
+            model.train(was_training)
+        logits = logits[:, : targets.shape[1]].float()
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return picked.masked_fill(targets == -100, 0.0)
+
+
+def reference_log_probs(trainer: Any) -> FrozenLogProbs:
+    """The :class:`FrozenLogProbs` of a preference trainer's reference: its ``ref_model``, or (LoRA, no separate
+    reference) the policy with its adapter disabled, as DPOTrainer itself does."""
+    from .errors import PluginError
+    from .modeling import is_peft
+
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:
+        return FrozenLogProbs(ref)
+    if is_peft(trainer.model):
+        return FrozenLogProbs(trainer.model, disable_adapter=True, cache=False)  # the base under a training adapter
+    raise PluginError(f"{type(trainer).__name__} has no reference model to score with (ref_model is None and the "
+                      "policy has no adapter to disable)",
+                      fix="train with an adapter, or give the trainer a reference model (preference_dpo does both)")
+
+
 def _family(trainer: Any) -> str | None:
     names = {cls.__name__ for cls in type(trainer).__mro__}
     if names & set(PAIRED_TRAINERS):

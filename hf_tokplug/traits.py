@@ -103,7 +103,7 @@ class TaskTraits:
 
     def require(self, plugin: str, *, task: str | None = None, model_kind: str | tuple[str, ...] | None = None,
                 token_labels: bool | None = None, batch_fields: tuple[str, ...] = (), trains: bool | None = None,
-                trainer: bool | None = None) -> None:
+                trainer: bool | None = None, roles: tuple[str, ...] = ()) -> None:
         """Raise :class:`hf_tokplug.PluginError` naming the first trait this task lacks for ``plugin``.
 
         Example (in ``tokplug_validate``)::
@@ -126,6 +126,12 @@ class TaskTraits:
                 f"plugin {plugin!r} needs a task {'with' if token_labels else 'without'} token-level labels; {name} "
                 f"{has} token-level labels (label_shift={self.label_shift}, batch_fields={list(self.batch_fields)})",
                 where=where, fix="use a task that fits the plugin, or remove the plugin")
+        absent = [r for r in roles if r not in self.roles]
+        if absent:
+            raise PluginError(
+                f"plugin {plugin!r} needs rows with role(s) {absent}; {name}'s rows are {list(self.roles)}",
+                where=where, fix="use a task whose batches carry them (preference pairs: preference_dpo), or remove "
+                "the plugin")
         missing = [f for f in batch_fields if f not in self.batch_fields]
         if missing:
             raise PluginError(
