@@ -104,14 +104,21 @@ class TGDPOPlugin(Plugin):
         if ctx.recipe is None or not self.active:
             return
         spec = ctx.recipe.model
-        self._check_tokenizer(_vocab(spec.tokenizer or spec.name_or_path), offline_ok=True)
+        try:
+            policy = _vocab(spec.tokenizer or spec.name_or_path)
+        except Exception:  # a Hub model not reachable now (the host checks the location): compared at trainer creation
+            return
+        self._check_tokenizer(policy, offline_ok=True)
 
     def _check_tokenizer(self, policy: dict[str, int], offline_ok: bool = False) -> None:
         location = self.config.rm_model
+        local = Path(location).expanduser()
+        if location.startswith((".", "/", "~")) and not local.exists():
+            raise PluginError(f"rm_model {location!r} is a path, and there is nothing there", where=f"{self.where}.rm_model",
+                              fix="give the folder of a DPO run (e.g. runs/dpo after `tokplug run recipes/dpo.yaml`)")
         try:
             theirs = _vocab(location)
         except Exception as exc:
-            local = Path(location).expanduser()
             if offline_ok and not local.exists() and not is_toy(location):
                 return  # a Hub repo not reachable now: checked again when the trainer is built
             raise PluginError(f"cannot load the tokenizer of rm_model {location!r}: {exc}", where=f"{self.where}.rm_model",
