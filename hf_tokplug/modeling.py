@@ -76,3 +76,68 @@ def save_unet_lora(unet: Any, folder: Any, adapter: str = "default") -> None:
     metadata = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
     StableDiffusionPipeline.save_lora_weights(str(folder), unet_lora_layers=unet_lora_state(unet, adapter), unet_lora_adapter_metadata=metadata,
                                               safe_serialization=True)
+
+
+_CAPTURE = "tokplug_capture"
+_captured: dict[int, Any] = {}
+_capture_layer: list[int] = []
+
+
+def _capture_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+    """sdpa, plus (for the layer asked for) the attention probabilities recomputed from the same query and key."""
+    import torch
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if getattr(module, "layer_idx", None) in _capture_layer:
+        scaling = kwargs.get("scaling") or query.shape[-1] ** -0.5
+        groups = query.shape[1] // key.shape[1]
+        k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+        scores = torch.matmul(query.float(), k.float().transpose(-1, -2)) * scaling
+        t, s = scores.shape[-2:]
+        allowed = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(diagonal=s - t)
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            allowed = allowed & attention_mask[..., -s:]
+        elif attention_mask is not None:
+            allowed = allowed & (attention_mask[..., -s:] > -1e4)
+        _captured[module.layer_idx] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).mean(dim=1)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def layer_attention(model: Any, layer: int, input_ids: Any, attention_mask: Any = None) -> tuple[Any, Any]:
+    """One no-gradient forward of a causal LM returning ``(logits, attention)``: ``attention`` is ``(B, T, T)``, the
+    head-averaged attention probabilities of decoder layer ``layer`` (Python index), recomputed from that layer's own
+    (post-RoPE) queries and keys while the forward runs under sdpa, so no layer materialises attention weights
+    except the one asked for (``output_attentions`` would need eager attention everywhere). Works for models that
+    use transformers' attention interface (Llama, Qwen, Mistral, Gemma, Phi, OLMo, ... families); eval mode for the
+    call, the training flag and attention implementation are restored."""
+    import torch
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_CAPTURE, _capture_attention)
+    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
+    base = unwrap(model)
+    count = base.config.get_text_config().num_hidden_layers
+    index = layer % count
+    configs = {id(c): c for c in (base.config, base.config.get_text_config())}.values()
+    saved = [(c, c._attn_implementation) for c in configs]
+    was_training = model.training
+    _captured.clear()
+    _capture_layer[:] = [index]
+    try:
+        for config, _ in saved:
+            config._attn_implementation = _CAPTURE
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        for config, impl in saved:
+            config._attn_implementation = impl
+        model.train(was_training)
+        _capture_layer.clear()
+    if index not in _captured:
+        raise ValueError(f"{type(base).__name__} does not route layer {index}'s attention through transformers' "
+                         "attention interface: its attention cannot be recomputed")
+    return logits, _captured.pop(index)
+

@@ -102,6 +102,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "unwrap": ("modeling", "unwrap"),
     "peft_base": ("modeling", "peft_base"),
     "is_peft": ("modeling", "is_peft"),
+    "layer_attention": ("modeling", "layer_attention"),
     "is_tied": ("modeling", "is_tied"),
     "output_module_name": ("modeling", "output_module_name"),
     "SD_ATTENTION_TARGETS": ("modeling", "SD_ATTENTION_TARGETS"),

@@ -128,15 +128,36 @@ class FrozenLogProbs:
 
     def __init__(self, model: Any, *, disable_adapter: bool = False, cache: bool = True):
         self.model, self.disable_adapter, self.cache = model, disable_adapter, cache
-        self.rows: dict[bytes, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
+        self.frozen = False
 
     @staticmethod
-    def _key(ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> tuple[bytes, int]:
+    def _key(ids: torch.Tensor, mask: torch.Tensor | None, targets: torch.Tensor) -> tuple[str, int]:
+        import hashlib
+
         valid = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         length = int(valid.nonzero().max()) + 1 if valid.any() else 0
-        parts = [ids[:length], targets[:length]] + ([mask[:length]] if mask is not None else [])
-        return b"|".join(p.detach().to("cpu", torch.int64).numpy().tobytes() for p in parts), length
+        digest = hashlib.sha1()
+        for part in [ids[:length], targets[:length], valid[:length]]:
+            digest.update(part.detach().to("cpu", torch.int64).numpy().tobytes())
+        return digest.hexdigest(), length
+
+    def freeze(self) -> None:
+        """From now on only cached rows are served (the model may have changed: a history model's scores were
+        computed before training); a row that is not cached raises."""
+        self.frozen = True
+
+    def save(self, path: Any) -> None:
+        """Write the cache as safetensors (one tensor per row, keyed by the row's fingerprint)."""
+        from safetensors.torch import save_file
+
+        save_file({key: value.contiguous() for key, value in self.rows.items()}, str(path))
+
+    def load(self, path: Any) -> None:
+        from safetensors.torch import load_file
+
+        self.rows.update(load_file(str(path)))
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         if batch.input_ids is None:
@@ -145,6 +166,9 @@ class FrozenLogProbs:
         out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
         keys = [self._key(ids[i], None if mask is None else mask[i], targets[i]) for i in range(ids.shape[0])]
         todo = [i for i, (key, _) in enumerate(keys) if not (self.cache and key in self.rows)]
+        if todo and self.frozen:
+            raise KeyError(f"{len(todo)} row(s) of this batch were not scored in advance (FrozenLogProbs.freeze): the "
+                           "trainer's examples differ from the ones the scores were computed on")
         self.hits += ids.shape[0] - len(todo)
         self.misses += len(todo)
         if todo:
