@@ -10,9 +10,14 @@ one or two words (same token length, so the differing tokens are known positions
   after ``--epochs`` epochs, plain DPO vs TGDPO (pi_rm: plain DPO trained for a quarter of the epochs, alpha 1);
 - ``tgdpo.diff_token_share``: the share of the per-token log-probability change (|log pi_final - log pi_init|,
   chosen and rejected completions) that lies on the differing tokens;
-- ``step_time_ratio.tgdpo``: TGDPO step time / plain DPO step time (median step times, rounds alternating the order
-  in this one process).
-- ``sstoken`` and ``cdpo``: ``null``: those two plugins are not built yet.
+- ``sstoken.noise_precision``: on prompt/completion data whose completions carry inserted noise symbols (``#``, ``@``,
+  ``~``, which never occur in the clean text), the share of the tokens ssToken keeps (rho 0.6) that are not noise,
+  over the training set at the end of training (the noise share of all response tokens is printed beside it);
+- ``sstoken.clean_eval_loss``: eval loss on clean held-out completions after full SFT, REL-only (gamma 1) and ssToken
+  (gamma 0.5), same data, steps and seed;
+- ``step_time_ratio``: TGDPO / plain DPO and ssToken / plain SFT median step times (rounds alternating the order in
+  this one process).
+- ``cdpo``: ``null``: that plugin is not built yet.
 
 Prints one JSON object on its last line.
 """
@@ -68,21 +73,79 @@ def make_pairs(tokenizer, n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
-def run(tmp: Path, name: str, data: Path, epochs: int, plugins: dict, timer: StepTimer | None = None) -> Path:
+def run(tmp: Path, name: str, data: Path, epochs: int, plugins: dict, timer: StepTimer | None = None,
+        task: str = "preference_dpo", eval_data: Path | None = None) -> tuple[Path, dict, object]:
     out = tmp / name
+    train = {"num_train_epochs": epochs, "per_device_train_batch_size": 8, "learning_rate": 5e-4,
+             "logging_steps": 10, "save_strategy": "no", "seed": 0, "disable_tqdm": True}
+    if task == "preference_dpo":
+        train["beta"] = 0.1
     recipe = {
-        "task": "preference_dpo", "model": {"name_or_path": MODEL},
-        "data": {"train": str(data), "max_length": 64}, "plugins": {**plugins, "timer": None},
-        "train": {"num_train_epochs": epochs, "per_device_train_batch_size": 8, "learning_rate": 5e-4, "beta": 0.1,
-                  "logging_steps": 10, "save_strategy": "no", "seed": 0, "disable_tqdm": True},
-        "output_dir": str(out), "overwrite": True,
+        "task": task, "model": {"name_or_path": MODEL},
+        "data": {"train": str(data), "max_length": 64, **({"eval": str(eval_data)} if eval_data else {})},
+        "plugins": {**plugins, "timer": None}, "train": train, "output_dir": str(out), "overwrite": True,
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     TimerPlugin.timer = timer
-    runner_for(str(path), []).run()
+    runner = runner_for(str(path), [])
+    metrics = runner.run()
     TimerPlugin.timer = None
-    return out
+    return out, metrics, runner
+
+
+NOISE = ["#", "@", "~"]
+
+
+def noisy_completions(tokenizer, n: int, seed: int = 1) -> tuple[list[dict], list[dict], set[int]]:
+    """(train rows with noise symbols inserted into ~25% of the completion's words, clean eval rows, noise ids)."""
+    rng = random.Random(seed)
+    verses = [row["text"] for row in toy.load_toy_dataset("toy://kjv-text", "train")]
+    noise_ids = {i for sym in NOISE for i in tokenizer(sym)["input_ids"]}
+    noise_ids -= {i for sym in NOISE for i in tokenizer(" ")["input_ids"]}
+    rows = []
+    for text in verses:
+        words = text.split()
+        if len(words) < 12:
+            continue
+        prompt, completion = " ".join(words[:6]), " " + " ".join(words[6:18])
+        clean_ids = set(tokenizer(prompt + completion)["input_ids"])
+        assert not clean_ids & noise_ids, "a noise symbol occurs in the clean text"
+        rows.append((prompt, completion))
+        if len(rows) == n + n // 4:
+            break
+    train, evald = rows[:n], rows[n:]
+    noisy = []
+    for prompt, completion in train:
+        words = completion.split()
+        out = []
+        for word in words:
+            out.append(word)
+            if rng.random() < 0.25:
+                out.append(rng.choice(NOISE) * rng.choice([1, 2]))
+        noisy.append({"prompt": prompt, "completion": " " + " ".join(out)})
+    return noisy, [{"prompt": p, "completion": c} for p, c in evald], noise_ids
+
+
+def noise_precision(runner, noise_ids: set[int]) -> tuple[float, float]:
+    """(share of kept tokens that are clean, share of all response tokens that are clean), over the training set."""
+    from hf_tokplug.training import token_batch
+
+    ctx, trainer = runner.ctx, runner.ctx.trainer
+    plugin = ctx.plugins["sstoken"]
+    trainer.model.train()
+    kept_clean = kept = clean = total = 0
+    noise = torch.tensor(sorted(noise_ids))
+    for inputs in trainer.get_train_dataloader():
+        batch = token_batch(trainer, inputs, ctx.traits)
+        weights = plugin.tokplug_token_weights(ctx, batch) > 0
+        is_noise = torch.isin(batch.targets, noise)
+        scored = batch.scored
+        kept += int(weights.sum())
+        kept_clean += int((weights & ~is_noise).sum())
+        total += int(scored.sum())
+        clean += int((scored & ~is_noise).sum())
+    return kept_clean / max(kept, 1), clean / max(total, 1)
 
 
 def completion_log_probs(model, tokenizer, pairs: list[dict], side: str) -> list[torch.Tensor]:
@@ -120,6 +183,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--sft-examples", type=int, default=160)
+    parser.add_argument("--sft-epochs", type=int, default=3)
     parser.add_argument("--time-epochs", type=int, default=25, help="epochs of each timing run (2 steps per epoch)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -134,18 +199,35 @@ def main() -> None:
         tmp = Path(tmp_name)
         data = tmp / "pairs.jsonl"
         data.write_text("".join(json.dumps({k: p[k] for k in ("prompt", "chosen", "rejected")}) + "\n" for p in pairs))
-        rm = run(tmp, "rm", data, max(1, args.epochs // 4), {})
+        rm = run(tmp, "rm", data, max(1, args.epochs // 4), {})[0]
         tg_plugins = {"tgdpo": {"rm_model": str(rm), "alpha": 1.0}}
-        dpo = measure(run(tmp, "dpo", data, args.epochs, {}), init, tokenizer, pairs)
-        tgdpo = measure(run(tmp, "tgdpo", data, args.epochs, tg_plugins), init, tokenizer, pairs)
-        ratios = []
+        dpo = measure(run(tmp, "dpo", data, args.epochs, {})[0], init, tokenizer, pairs)
+        tgdpo = measure(run(tmp, "tgdpo", data, args.epochs, tg_plugins)[0], init, tokenizer, pairs)
+
+        noisy, clean_eval, noise_ids = noisy_completions(tokenizer, args.sft_examples)
+        sft_data, eval_data = tmp / "noisy.jsonl", tmp / "clean_eval.jsonl"
+        sft_data.write_text("".join(json.dumps(r) + "\n" for r in noisy))
+        eval_data.write_text("".join(json.dumps(r) + "\n" for r in clean_eval))
+        ss = {"gamma": 0.5, "rho": 0.6, "cache": False}
+        sft_runs = {"full_sft": {}, "rel_only": {"sstoken": {**ss, "gamma": 1.0}}, "sstoken": {"sstoken": ss}}
+        clean_loss, runners = {}, {}
+        for name, plugins in sft_runs.items():
+            _, metrics, runners[name] = run(tmp, name, sft_data, args.sft_epochs, plugins, task="causal_lm_sft",
+                                            eval_data=eval_data)
+            clean_loss[name] = round(metrics["eval_loss"], 4)
+        precision, clean_share = noise_precision(runners["sstoken"], noise_ids)
+
+        ratios: dict[str, list[float]] = {"tgdpo": [], "sstoken": []}
         for r in range(args.rounds):  # step time: short runs, order alternating per round
-            times = {}
-            for name in (["dpo", "tgdpo"] if r % 2 == 0 else ["tgdpo", "dpo"]):
-                timer = StepTimer()
-                run(tmp, f"time-{name}", data, args.time_epochs, tg_plugins if name == "tgdpo" else {}, timer)
-                times[name] = timer.median(warmup=5)
-            ratios.append(times["tgdpo"] / times["dpo"])
+            for method, base, task, data_file, plugins in (("tgdpo", "dpo", "preference_dpo", data, tg_plugins),
+                                                           ("sstoken", "sft", "causal_lm_sft", sft_data, {"sstoken": ss})):
+                times = {}
+                for name in ([base, method] if r % 2 == 0 else [method, base]):
+                    timer = StepTimer()
+                    run(tmp, f"time-{name}", data_file, args.time_epochs, plugins if name == method else {}, timer,
+                        task=task)
+                    times[name] = timer.median(warmup=5)
+                ratios[method].append(times[method] / times[base])
     result = {
         "model": f"{MODEL} (random init)",
         "pairs": len(pairs), "epochs": args.epochs,
@@ -153,9 +235,10 @@ def main() -> None:
                                        "tgdpo": round(tgdpo["chosen_logp_drop"], 4)},
                   "diff_token_share": {"dpo": round(dpo["diff_token_share"], 4),
                                        "tgdpo": round(tgdpo["diff_token_share"], 4)}},
-        "sstoken": None,
+        "sstoken": {"noise_precision": round(precision, 4), "clean_share_of_response_tokens": round(clean_share, 4),
+                    "clean_eval_loss": clean_loss},
         "cdpo": None,
-        "step_time_ratio": {"tgdpo": round(statistics.median(ratios), 4)},
+        "step_time_ratio": {k: round(statistics.median(v), 4) for k, v in ratios.items()},
     }
     print(json.dumps(result))
 
