@@ -1,6 +1,6 @@
 """Token-weighting methods on the per-token contract: TGDPO against plain DPO (issue "Token-level weighting methods").
 
-    python bench/token_weighting.py [--epochs 150] [--rounds 4]   (~1 min on 2 CPU cores)
+    python bench/token_weighting.py [--epochs 150] [--rounds 4]   (~4 min on 2 CPU cores)
 
 Model: toy://llama, randomly initialised (the pretrained embedded default of issue "Models that know something" has
 not landed). Data: preference pairs built from the bundled KJV text whose chosen and rejected completions differ in
