@@ -14,8 +14,11 @@ Tokens and rows:
     add_tokens, AddedToken, TokenInitRequest   add tokens (``tokplug_prepare_tokenizer``); token-init strategies
 Training:
     TokenLoss, ForwardCapture, TokenBatch   loss terms (``tokplug_loss_terms``) and what they receive
+    FrozenLogProbs, reference_log_probs     a frozen model's (a preference trainer's reference's) per-token
+                                            log-probs of a TokenBatch, cached per example (token-weight plugins)
 Models:
     unwrap, peft_base, is_peft, is_tied, output_module_name      facts about (wrapped) models
+    layer_attention            one no-gradient forward with one layer's attention probabilities (under sdpa)
     SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora          Stable Diffusion LoRA targets, pipelines, LoRA files
 Files and locations:
     local_folder               a local folder, or a Hub repo fetched into the cache (with a clear error)
