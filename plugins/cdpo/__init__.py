@@ -1,0 +1,5 @@
+"""cDPO: critical tokens by contrastive estimation (docs/plugins/cdpo.md)."""
+
+from .plugin import CDPOConfig, CDPOPlugin
+
+__all__ = ["CDPOConfig", "CDPOPlugin"]
