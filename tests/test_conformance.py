@@ -34,7 +34,7 @@ TASK_SECTIONS = {
     "sequence_classification": {"task": "sequence_classification", "model": {"name_or_path": "toy://bert"},
                                 "data": {"train": "toy://kjv-books", "max_samples": 64, "max_length": 64}},
     "preference_dpo": {"task": "preference_dpo", "data": {"train": "toy://kjv-preference", "max_samples": 32,
-                                                          "max_length": 64}},
+                                                          "max_length": 128}},  # no pair truncated
     "diffusion_lora": {"task": "diffusion_lora", "model": {"name_or_path": "toy://sd"}, "data": None,
                        "task_options": {"instance_data_dir": "toy://shapes/red-square",
                                         "instance_prompt": "a photo of sks square", "resolution": 32}},

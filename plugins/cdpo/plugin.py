@@ -98,6 +98,7 @@ class CDPOPlugin(Plugin):
     def __init__(self, name: str, config: CDPOConfig):
         super().__init__(name, config)
         self.weights: dict[str, torch.Tensor] | None = None
+        self.lengths: list[int] = []
 
     @hookimpl
     def tokplug_validate(self, ctx):
@@ -147,12 +148,28 @@ class CDPOPlugin(Plugin):
             self.weights = load_file(self.config.weights_path)
         else:
             self.weights = self._score(ctx, dataset)
+        self.lengths = [len(p) + len(r) for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"])]
         missing = sum(_key(p + r) not in self.weights for p, r in zip(dataset["prompt_ids"], dataset["rejected_ids"]))
         if missing:
             raise PluginError(f"{missing} of {len(dataset)} training pairs have no cdpo weights in "
                               f"{self.config.weights_path or 'the scores'}: other data or another tokenisation",
                               where=f"{self.where}.weights_path", fix="score this data (drop weights_path)")
         return None
+
+    @hookimpl
+    def tokplug_post_trainer_create(self, ctx, trainer):
+        """Weights are per token of the whole rejected completion: a trainer that truncates pairs would score
+        other tokens than the weights describe, so that is refused here, before training."""
+        limit = getattr(trainer.args, "max_length", None)
+        if self.weights is None or not limit:
+            return
+        cut = sum(length > limit for length in self.lengths)
+        if cut:
+            raise PluginError(f"{cut} of {len(self.lengths)} training pairs are longer than the trainer's max_length "
+                              f"{limit} (longest {max(self.lengths)} tokens): truncated, their rejected tokens would "
+                              "not match the cdpo weights", where=self.where,
+                              fix=f"raise data.max_length (train.max_length) to at least {max(self.lengths)}, or drop "
+                                  "the longest pairs")
 
     @torch.no_grad()
     def _score(self, ctx, dataset) -> dict[str, torch.Tensor]:
@@ -200,6 +217,9 @@ class CDPOPlugin(Plugin):
             scored = batch.scored[row].nonzero()[:, 0]
             w = self.weights.get(_key(ids))
             if w is None:
+                if ctx.trainer is not None and ctx.trainer.model.training:
+                    raise PluginError("a training pair has no cdpo weights (its token ids differ from the scored "
+                                      "ones)", where=self.where, fix="run without weights_path to score this data")
                 continue  # an evaluation pair (only training pairs are scored): weight 1
             if len(w) != len(scored):
                 raise PluginError(f"cdpo weights of a pair cover {len(w)} tokens, the trainer scores {len(scored)}: "

@@ -1,0 +1,93 @@
+"""cDPO: rejected-token weights are 1 - softmax((1 + lam) z_pos - lam z_neg)[y_t], computed independently here, land on
+exactly the rejected completion's tokens (chosen rows weigh 1), DPO's loss becomes the sequence-level cDPO loss, the
+scores are saved and reused, and misaligned or bad input is refused. (scale = 0, all weights 1, giving DPO exactly
+is the conformance suite's no-op test.)"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from conftest import base_recipe, read_log, run_recipe, write_recipe
+from hf_tokplug import toy
+from hf_tokplug.cli import main
+from hf_tokplug.training import token_batch
+
+PAIRS = {"train": "toy://kjv-preference", "max_samples": 16, "max_length": 128}  # no pair is cut
+DPO = {"task": "preference_dpo", "data": PAIRS, "train": {"max_steps": 1, "per_device_train_batch_size": 4, "beta": 0.5}}
+MODELS = {"positive_model": "toy://qwen2", "negative_model": "toy://llama", "lam": 1.0}
+
+
+def _log_probs(model, batch):
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    t = batch.targets
+    return torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0].masked_fill(t == -100, 0.0)
+
+
+def test_weights_and_loss_follow_the_paper(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    runner, _ = run_recipe(tmp_path, "run", **DPO, plugins={"cdpo": MODELS})
+    ctx, trainer = runner.ctx, runner.ctx.trainer
+    plugin = ctx.plugins["cdpo"]
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = token_batch(trainer, inputs, ctx.traits)
+    trainer.model.eval()
+    weights = plugin.tokplug_token_weights(ctx, batch)
+
+    pos = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://qwen2")).eval()
+    neg = AutoModelForCausalLM.from_pretrained(toy.resolve("toy://llama")).eval()
+    with torch.no_grad():
+        z = 2.0 * pos(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits \
+            - neg(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    p = torch.softmax(z.float(), -1).gather(-1, batch.targets.clamp(min=0)[..., None])[..., 0]
+    rejected = batch.rows("rejected")[:, None]
+    expected = torch.where(batch.scored & rejected, 1.0 - p, torch.ones_like(p))
+    assert torch.allclose(weights, expected, atol=1e-5)
+    assert torch.all(weights[~rejected[:, 0]] == 1.0) and (weights[batch.scored & rejected] < 1).all()
+
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+    delta = (_log_probs(trainer.model, batch) - _log_probs(trainer.ref_model, batch)) * expected
+    ratio = delta.sum(-1)
+    manual = -F.logsigmoid(0.5 * (ratio[:4] - ratio[4:])).mean()
+    assert torch.allclose(loss, manual, atol=1e-5), (loss, manual)
+    assert (tmp_path / "run" / "cdpo_weights.safetensors").is_file()
+    assert any("cdpo/rejected_weight" in r for r in read_log(tmp_path / "run"))
+
+
+def test_saved_weights_are_reused_without_the_models(tmp_path):
+    first, _ = run_recipe(tmp_path, "a", **DPO, plugins={"cdpo": MODELS})
+    saved = tmp_path / "a" / "cdpo_weights.safetensors"
+    second, _ = run_recipe(tmp_path, "b", **DPO, plugins={"cdpo": {"weights_path": str(saved)}})
+    a, b = first.ctx.plugins["cdpo"].weights, second.ctx.plugins["cdpo"].weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # other data (another max_length cuts the completions differently): refused, never shifted
+    out = tmp_path / "c"
+    recipe = write_recipe(tmp_path / "c.yaml", base_recipe(out, **{**DPO, "data": {**PAIRS, "max_samples": 24}},
+                                                           plugins={"cdpo": {"weights_path": str(saved)}}))
+    assert main(["run", str(recipe)]) == 2 and not out.exists()
+
+
+def test_bad_cdpo_input(capsys, tmp_path):
+    from hf_tokplug.toy import load_tokenizer
+
+    other = tmp_path / "other"
+    load_tokenizer("toy://tokenizer/qwen2").save_pretrained(other)
+    cases = [
+        ({"cdpo": {"positive_model": "toy://qwen2"}}, DPO, "needs positive_model and negative_model"),
+        ({"cdpo": {**MODELS, "negative_model": str(other)}}, DPO, "another tokenizer"),
+        ({"cdpo": {**MODELS, "negative_model": "./no/model"}}, DPO, "nothing there"),
+        ({"cdpo": {"weights_path": "./none.safetensors"}}, DPO, "not a file"),
+        ({"cdpo": {**MODELS, "scale": 2}}, DPO, "scale"),
+        ({"cdpo": MODELS}, {}, "role(s) ['chosen', 'rejected']"),
+        ({"cdpo": MODELS}, {**DPO, "data": {**PAIRS, "max_length": 48}}, "longer than the trainer's max_length"),
+    ]
+    for plugins, sections, expected in cases:
+        out = tmp_path / "out"
+        recipe = write_recipe(tmp_path / "r.yaml", base_recipe(out, **sections, plugins=plugins))
+        assert main(["run", str(recipe)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+        assert not out.exists()
