@@ -17,7 +17,11 @@ one or two words (same token length, so the differing tokens are known positions
   (gamma 0.5), same data, steps and seed;
 - ``step_time_ratio``: TGDPO / plain DPO and ssToken / plain SFT median step times (rounds alternating the order in
   this one process).
-- ``cdpo``: ``null``: that plugin is not built yet.
+- ``cdpo.critical_recall_at_1``: on synthetic arithmetic traces whose wrong version has one critical token (the first
+  wrong digit; the second is its consequence), the share of rejected traces whose largest cDPO weight w_t sits on
+  it, with a positive / negative model fine-tuned here on the correct / wrong traces;
+- ``cdpo.critical_token_prob``: the policy's mean probability of that critical wrong token after plain DPO and after
+  cDPO (same pairs, steps, seed; lower is better).
 
 Prints one JSON object on its last line.
 """
@@ -127,6 +131,52 @@ def noisy_completions(tokenizer, n: int, seed: int = 1) -> tuple[list[dict], lis
     return noisy, [{"prompt": p, "completion": c} for p, c in evald], noise_ids
 
 
+def arithmetic_traces(n: int, seed: int = 2) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(1, 4), rng.randint(1, 4)
+        wrong = a + b + rng.choice([-1, 1])
+        rows.append({"prompt": f"Add {a} and {b}.", "chosen": f" {a} plus {b} makes {a + b} . The answer is {a + b}",
+                     "rejected": f" {a} plus {b} makes {wrong} . The answer is {wrong}"})
+    return rows
+
+
+def cdpo_bench(tmp: Path, args) -> dict:
+    from safetensors.torch import load_file
+
+    from hf_tokplug.plugin import unwrap
+
+    traces = arithmetic_traces(args.cdpo_traces)
+    pairs = tmp / "traces.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in traces))
+    for side in ("chosen", "rejected"):
+        (tmp / f"{side}.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r[side]}) + "\n"
+                                                   for r in traces))
+    pos = run(tmp, "positive", tmp / "chosen.jsonl", args.cdpo_sft_epochs, {}, task="causal_lm_sft")[0]
+    neg = run(tmp, "negative", tmp / "rejected.jsonl", args.cdpo_sft_epochs, {}, task="causal_lm_sft")[0]
+    _, _, plain = run(tmp, "dpo-arith", pairs, args.cdpo_epochs, {})
+    _, _, weighted = run(tmp, "cdpo-arith", pairs, args.cdpo_epochs,
+                         {"cdpo": {"positive_model": str(pos), "negative_model": str(neg), "lam": 1.0}})
+    weights = load_file(str(tmp / "cdpo-arith" / "cdpo_weights.safetensors"))
+    dataset = weighted.ctx.trainer.train_dataset
+    hits, probs = 0, {"dpo": [], "cdpo": []}
+    import hashlib
+
+    for prompt, chosen, rejected in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
+        critical = next(i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b)
+        key = hashlib.sha1(torch.tensor(prompt + rejected, dtype=torch.int64).numpy().tobytes()).hexdigest()
+        hits += int(int(weights[key].argmax()) == critical)
+        ids = torch.tensor([prompt + rejected[:critical]])
+        for name, runner in (("dpo", plain), ("cdpo", weighted)):
+            model = unwrap(runner.ctx.model).eval()
+            with torch.no_grad():
+                p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[rejected[critical]]
+            probs[name].append(float(p))
+    return {"critical_recall_at_1": round(hits / len(dataset), 4),
+            "critical_token_prob": {k: round(statistics.mean(v), 4) for k, v in probs.items()}}
+
+
 def noise_precision(runner, noise_ids: set[int]) -> tuple[float, float]:
     """(share of kept tokens that are clean, share of all response tokens that are clean), over the training set."""
     from hf_tokplug.training import token_batch
@@ -185,6 +235,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sft-examples", type=int, default=160)
     parser.add_argument("--sft-epochs", type=int, default=3)
+    parser.add_argument("--cdpo-traces", type=int, default=48)
+    parser.add_argument("--cdpo-sft-epochs", type=int, default=20)
+    parser.add_argument("--cdpo-epochs", type=int, default=10)
     parser.add_argument("--time-epochs", type=int, default=25, help="epochs of each timing run (2 steps per epoch)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -216,6 +269,7 @@ def main() -> None:
                                             eval_data=eval_data)
             clean_loss[name] = round(metrics["eval_loss"], 4)
         precision, clean_share = noise_precision(runners["sstoken"], noise_ids)
+        cdpo = cdpo_bench(tmp, args)
 
         ratios: dict[str, list[float]] = {"tgdpo": [], "sstoken": []}
         for r in range(args.rounds):  # step time: short runs, order alternating per round
@@ -237,7 +291,7 @@ def main() -> None:
                                        "tgdpo": round(tgdpo["diff_token_share"], 4)}},
         "sstoken": {"noise_precision": round(precision, 4), "clean_share_of_response_tokens": round(clean_share, 4),
                     "clean_eval_loss": clean_loss},
-        "cdpo": None,
+        "cdpo": cdpo,
         "step_time_ratio": {k: round(statistics.median(v), 4) for k, v in ratios.items()},
     }
     print(json.dumps(result))
