@@ -294,3 +294,33 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = True, revision: s
     )
     return str(getattr(info, "commit_url", info))
 
+
+def tokenizer_vocab(location: str) -> dict[str, int]:
+    """The vocabulary of the tokenizer at ``location`` (``toy://``, a folder or a Hub id): to check that another
+    model scores the same token ids as the policy, before any weights load."""
+    if toy.is_toy(location):
+        return toy.load_tokenizer(location).get_vocab()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(toy.resolve(location)).get_vocab()
+
+
+def load_frozen_causal_lm(location: str, *, dtype: Any = None, what: str = "model", where: str | None = None) -> Any:
+    """A causal LM for scoring, frozen and in eval mode: ``toy://NAME``, a run folder or a Hub repo; a LoRA adapter
+    folder is loaded onto its base and merged. A location that is neither a folder nor reachable is a PluginError
+    naming ``what`` and ``where``."""
+    from pathlib import Path
+
+    import transformers
+
+    if toy.is_toy(location):
+        path = Path(toy.resolve(location))
+    else:
+        path = local_folder(location, what=what, where=where, fix="give a local run folder or a reachable Hub repo")
+    if (path / "adapter_config.json").is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    return model.requires_grad_(False).eval()

@@ -140,4 +140,3 @@ def layer_attention(model: Any, layer: int, input_ids: Any, attention_mask: Any 
         raise ValueError(f"{type(base).__name__} does not route layer {index}'s attention through transformers' "
                          "attention interface: its attention cannot be recomputed")
     return logits, _captured.pop(index)
-

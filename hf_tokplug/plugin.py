@@ -19,6 +19,7 @@ Training:
 Models:
     unwrap, peft_base, is_peft, is_tied, output_module_name      facts about (wrapped) models
     layer_attention            one no-gradient forward with one layer's attention probabilities (under sdpa)
+    tokenizer_vocab, load_frozen_causal_lm     another model's vocabulary; a frozen scoring model (adapters merged)
     SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora          Stable Diffusion LoRA targets, pipelines, LoRA files
 Files and locations:
     local_folder               a local folder, or a Hub repo fetched into the cache (with a clear error)
@@ -106,6 +107,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "peft_base": ("modeling", "peft_base"),
     "is_peft": ("modeling", "is_peft"),
     "layer_attention": ("modeling", "layer_attention"),
+    "tokenizer_vocab": ("hub", "tokenizer_vocab"),
+    "load_frozen_causal_lm": ("hub", "load_frozen_causal_lm"),
     "is_tied": ("modeling", "is_tied"),
     "output_module_name": ("modeling", "output_module_name"),
     "SD_ATTENTION_TARGETS": ("modeling", "SD_ATTENTION_TARGETS"),

@@ -24,10 +24,8 @@ from hf_tokplug.plugin import (
     PluginConfig,
     PluginError,
     hookimpl,
-    is_toy,
-    load_tokenizer,
-    local_folder,
-    resolve_location,
+    load_frozen_causal_lm,
+    tokenizer_vocab,
     unwrap,
 )
 
@@ -58,28 +56,6 @@ class CDPOConfig(PluginConfig):
 
 def _key(ids: list[int]) -> str:
     return hashlib.sha1(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()
-
-
-def _load(location: str, where: str, dtype: torch.dtype):
-    import transformers
-
-    path = Path(resolve_location(location)) if is_toy(location) else local_folder(
-        location, what="model", where=where, fix="give a local run folder or a reachable Hub repo")
-    if (path / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    return model.requires_grad_(False).eval()
-
-
-def _vocab(location: str) -> dict[str, int]:
-    if is_toy(location):
-        return load_tokenizer(location).get_vocab()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_location(location)).get_vocab()
 
 
 class CDPOPlugin(Plugin):
@@ -116,7 +92,7 @@ class CDPOPlugin(Plugin):
             return
         spec = ctx.recipe.model
         try:
-            policy = _vocab(spec.tokenizer or spec.name_or_path)
+            policy = tokenizer_vocab(spec.tokenizer or spec.name_or_path)
         except Exception:
             return  # not reachable now: compared when the models load
         for key in ("positive_model", "negative_model"):
@@ -125,7 +101,7 @@ class CDPOPlugin(Plugin):
                 raise PluginError(f"{key} {location!r} is a path, and there is nothing there", where=f"{self.where}.{key}",
                                   fix="give the folder of the run that trained it")
             try:
-                theirs = _vocab(location)
+                theirs = tokenizer_vocab(location)
             except Exception:
                 continue
             if theirs != policy:
@@ -176,8 +152,9 @@ class CDPOPlugin(Plugin):
         from tqdm.auto import tqdm
 
         param = next(unwrap(ctx.model).parameters())
-        pos = _load(self.config.positive_model, f"{self.where}.positive_model", param.dtype).to(param.device)
-        neg = _load(self.config.negative_model, f"{self.where}.negative_model", param.dtype).to(param.device)
+        pos, neg = (load_frozen_causal_lm(getattr(self.config, key), dtype=param.dtype, what=key,
+                                          where=f"{self.where}.{key}").to(param.device)
+                    for key in ("positive_model", "negative_model"))
         lam, out = self.config.lam, {}
         rows = list(zip(dataset["prompt_ids"], dataset["rejected_ids"]))
         for start in tqdm(range(0, len(rows), self.config.batch_size), desc="cDPO: scoring rejected tokens", leave=False):

@@ -11,7 +11,7 @@ the reference's per-token log-probabilities inside DPOTrainer's loss; pi_rm and 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -23,10 +23,9 @@ from hf_tokplug.plugin import (
     PluginError,
     hookimpl,
     is_toy,
-    load_tokenizer,
-    local_folder,
+    load_frozen_causal_lm,
     reference_log_probs,
-    resolve_location,
+    tokenizer_vocab,
     unwrap,
 )
 
@@ -60,14 +59,6 @@ class TGDPOConfig(PluginConfig):
         if self.beta_source == "value" and self.rm_beta is None:
             raise ValueError("beta_source: value needs rm_beta (the beta pi_rm was trained with)")
         return self
-
-
-def _vocab(location: str) -> dict[str, int]:
-    if is_toy(location):
-        return load_tokenizer(location).get_vocab()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_location(location)).get_vocab()
 
 
 class TGDPOPlugin(Plugin):
@@ -105,7 +96,7 @@ class TGDPOPlugin(Plugin):
             return
         spec = ctx.recipe.model
         try:
-            policy = _vocab(spec.tokenizer or spec.name_or_path)
+            policy = tokenizer_vocab(spec.tokenizer or spec.name_or_path)
         except Exception:  # a Hub model not reachable now (the host checks the location): compared at trainer creation
             return
         self._check_tokenizer(policy, offline_ok=True)
@@ -117,7 +108,7 @@ class TGDPOPlugin(Plugin):
             raise PluginError(f"rm_model {location!r} is a path, and there is nothing there", where=f"{self.where}.rm_model",
                               fix="give the folder of a DPO run (e.g. runs/dpo after `tokplug run recipes/dpo.yaml`)")
         try:
-            theirs = _vocab(location)
+            theirs = tokenizer_vocab(location)
         except Exception as exc:
             if offline_ok and not local.exists() and not is_toy(location):
                 return  # a Hub repo not reachable now: checked again when the trainer is built
@@ -137,30 +128,13 @@ class TGDPOPlugin(Plugin):
         if not self.active:
             return
         if not self.checked:
-            self._check_tokenizer(ctx.tokenizer.get_vocab())
+            self._check_tokenizer(ctx.tokenizer.gettokenizer_vocab())
         policy = unwrap(trainer.model)
         param = next(policy.parameters())
-        self.rm = FrozenLogProbs(self._load_rm(param.dtype).to(param.device), cache=self.config.cache)
+        self.rm = FrozenLogProbs(load_frozen_causal_lm(self.config.rm_model, dtype=param.dtype, what="rm_model",
+                                                     where=f"{self.where}.rm_model").to(param.device), cache=self.config.cache)
         self.ref = reference_log_probs(trainer)
         self.beta = self.config.rm_beta if self.config.beta_source == "value" else float(trainer.args.beta)
-
-    def _load_rm(self, dtype: torch.dtype) -> Any:
-        import transformers
-
-        location = self.config.rm_model
-        if is_toy(location):
-            path = Path(resolve_location(location))
-        else:
-            path = local_folder(location, what="rm_model", where=f"{self.where}.rm_model",
-                                fix="give a local run folder or a reachable Hub repo")
-        if (path / "adapter_config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=dtype).merge_and_unload()
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-        model.requires_grad_(False)
-        return model.eval()
 
     # ------------------------------------------------------------------------------------------------ weights
 
