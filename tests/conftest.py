@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 os.environ.setdefault("HF_TOKPLUG_CACHE", tempfile.mkdtemp(prefix="tokplug-test-cache-"))
@@ -60,6 +61,20 @@ def run_recipe(tmp_path: Path, name: str = "run", **sections: Any):
     runner = runner_for(str(path), [])
     metrics = runner.run()
     return runner, metrics
+
+
+def token_log_probs(logits: Any, targets: Any) -> Any:
+    """log p(targets) per output position from logits, 0 where not scored (-100): computed plainly, to check the
+    host's scorers and the plugins built on them against."""
+    picked = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return picked.masked_fill(targets == -100, 0.0)
+
+
+def model_token_log_probs(model: Any, batch: Any) -> Any:
+    """:func:`token_log_probs` of ``model``'s plain forward over a TokenBatch's rows (no gradient)."""
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return token_log_probs(logits, batch.targets)
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conftest import base_recipe, read_log, run_recipe, write_recipe
+from conftest import base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
 from hf_tokplug import toy
 from hf_tokplug.cli import main
 from hf_tokplug.training import token_batch
@@ -16,13 +16,6 @@ from hf_tokplug.training import token_batch
 PAIRS = {"train": "toy://kjv-preference", "max_samples": 16, "max_length": 128}  # no pair is cut
 DPO = {"task": "preference_dpo", "data": PAIRS, "train": {"max_steps": 1, "per_device_train_batch_size": 4, "beta": 0.5}}
 MODELS = {"positive_model": "toy://qwen2", "negative_model": "toy://llama", "lam": 1.0}
-
-
-def _log_probs(model, batch):
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    t = batch.targets
-    return torch.log_softmax(logits, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0].masked_fill(t == -100, 0.0)
 
 
 def test_weights_and_loss_follow_the_paper(tmp_path):
@@ -49,7 +42,7 @@ def test_weights_and_loss_follow_the_paper(tmp_path):
 
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(inputs))
-    delta = (_log_probs(trainer.model, batch) - _log_probs(trainer.ref_model, batch)) * expected
+    delta = (model_token_log_probs(trainer.model, batch) - model_token_log_probs(trainer.ref_model, batch)) * expected
     ratio = delta.sum(-1)
     manual = -F.logsigmoid(0.5 * (ratio[:4] - ratio[4:])).mean()
     assert torch.allclose(loss, manual, atol=1e-5), (loss, manual)

@@ -11,16 +11,11 @@ import math
 import pytest
 import torch
 
-from conftest import base_recipe, read_log, run_recipe, write_recipe
+from conftest import base_recipe, read_log, run_recipe, token_log_probs, write_recipe
 from hf_tokplug import toy
 from hf_tokplug.cli import main
 from hf_tokplug.modeling import layer_attention
 from hf_tokplug.training import FrozenLogProbs, TokenBatch, token_batch
-
-
-def _log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    picked = torch.log_softmax(logits.float(), -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return picked.masked_fill(targets == -100, 0.0)
 
 
 def test_selection_follows_the_paper(tmp_path):
@@ -40,8 +35,8 @@ def test_selection_follows_the_paper(tmp_path):
     eager.load_state_dict(trainer.model.state_dict())  # the current model, with attention weights returned
     with torch.no_grad():
         out = eager(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_attentions=True)
-        his = _log_probs(history(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.targets)
-    rel = _log_probs(out.logits, batch.targets) - his
+        his = token_log_probs(history(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch.targets)
+    rel = token_log_probs(out.logits, batch.targets) - his
     attn = out.attentions[-1].mean(1)
     context = ((batch.labels == -100) & batch.attention_mask.bool()).float()
     for row in range(batch.labels.shape[0]):
@@ -109,7 +104,7 @@ def test_frozen_log_probs_cache_freeze_and_files(tmp_path):
     scorer = FrozenLogProbs(model)
     got = scorer(batch)
     with torch.no_grad():
-        expected = _log_probs(model(input_ids=ids, attention_mask=mask).logits, batch.targets)
+        expected = token_log_probs(model(input_ids=ids, attention_mask=mask).logits, batch.targets)
     assert torch.allclose(got, expected, atol=1e-5) and scorer.misses == 3
     padded = TokenBatch(torch.nn.functional.pad(labels, (0, 4), value=-100), 1, batch.roles, None,
                         torch.nn.functional.pad(mask, (0, 4)), torch.nn.functional.pad(ids, (0, 4)))

@@ -11,21 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import base_recipe, read_log, run_recipe, write_recipe
+from conftest import base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
 from hf_tokplug.cli import main
 from hf_tokplug.training import token_batch
 
 PAIRS = {"train": "toy://kjv-preference", "max_samples": 16, "max_length": 48}
 DPO = {"task": "preference_dpo", "data": PAIRS,
        "train": {"max_steps": 1, "per_device_train_batch_size": 4, "beta": 0.5}}
-
-
-def _token_log_probs(model, batch) -> torch.Tensor:
-    with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    targets = batch.targets
-    picked = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
-    return picked.masked_fill(targets == -100, 0.0)
 
 
 def test_weights_and_dpo_loss_follow_the_paper(tmp_path):
@@ -39,7 +31,7 @@ def test_weights_and_dpo_loss_follow_the_paper(tmp_path):
     weights = plugin.tokplug_token_weights(ctx, batch)
 
     rm = plugin.rm.model  # scored independently here, with a plain forward
-    reward = 0.5 * (_token_log_probs(rm, batch) - _token_log_probs(trainer.ref_model, batch))
+    reward = 0.5 * (model_token_log_probs(rm, batch) - model_token_log_probs(trainer.ref_model, batch))
     sign = torch.tensor([1.0] * 4 + [-1.0] * 4)[:, None]
     expected = torch.where(batch.scored, 1.0 + 1.5 * sign * reward, torch.ones_like(reward))
     assert torch.allclose(weights, expected, atol=1e-5)
@@ -48,7 +40,7 @@ def test_weights_and_dpo_loss_follow_the_paper(tmp_path):
     # DPOTrainer's own loss, with the weights applied by the host, is the TGDPO objective
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, dict(inputs))
-    delta = _token_log_probs(trainer.model, batch) - _token_log_probs(trainer.ref_model, batch)
+    delta = model_token_log_probs(trainer.model, batch) - model_token_log_probs(trainer.ref_model, batch)
     ratio = (expected * delta).sum(-1)
     manual = -F.logsigmoid(0.5 * (ratio[:4] - ratio[4:])).mean()
     assert torch.allclose(loss, manual, atol=1e-5), (loss, manual)
