@@ -56,6 +56,13 @@ RUNS: list[tuple[str, str, list[str]]] = [
                                             "task_options.batch_size=4", "task_options.eval_texts=8"]),
     ("dyntok_generate", "dyntok_generate", ["task_options.new_tokens=50", "task_options.max_new_tokens=8",
                                             "task_options.max_texts=100"]),
+    ("dpo", "dpo", [*SMALL_TRAIN, "train.max_steps=3", "train.eval_steps=2", "train.save_steps=2"]),
+    ("reward", "reward", [*SMALL_TRAIN, "train.max_steps=3", "train.eval_steps=2", "train.save_steps=2"]),
+    ("grpo", "grpo", [*SMALL_TRAIN, "train.max_steps=2", "train.save_steps=2"]),
+    ("tgdpo", "tgdpo", [*SMALL_TRAIN, "train.max_steps=3", "train.eval_steps=2", "train.save_steps=2",
+                        "plugins.tgdpo.rm_model={root}/dpo"]),
+    ("sstoken", "sstoken", [*SMALL_TRAIN, "train.max_steps=3", "train.eval_steps=2", "train.save_steps=2"]),
+    ("cdpo", "cdpo", [*SMALL_TRAIN, "train.max_steps=3", "train.eval_steps=2", "train.save_steps=2"]),
 ]
 
 VOLATILE_FILES = {"run_info.json", "README.md", "trainer_log.jsonl", "metrics.json", "recipe.resolved.yaml",
