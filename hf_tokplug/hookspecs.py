@@ -349,7 +349,9 @@ def tokplug_loss_terms(ctx: RunContext, model: Any, inputs: dict, outputs: Any, 
     reward, GRPO, a plain ``Trainer``): ``batch.labels`` (input frame, ``-100`` where nothing is scored),
     ``batch.scored`` / ``batch.targets`` (output frame), ``batch.roles`` (``sft``, ``chosen``, ``rejected``,
     ``policy``), ``batch.advantages``; read it rather than trainer-specific keys of ``inputs`` (a DPO batch has no
-    ``labels``). Return ``None`` or ``{}`` to add nothing. Metrics that are not losses: ``self.log(ctx, name,
+    ``labels``). Return ``None`` or ``{}`` to add nothing. A method that changes the main objective's form rather
+    than adding to it returns a :class:`hf_tokplug.plugin.MainLoss` (at most one plugin per run): it replaces the
+    trainer's main loss of the micro-batch, and the other terms are added to it. Metrics that are not losses: ``self.log(ctx, name,
     value, split)`` (logged as ``<plugin>/<name>``; pass ``split="train" if model.training else "eval"``).
 
     Fires: on every training and evaluation micro-batch, after the main loss is computed (tasks whose traits

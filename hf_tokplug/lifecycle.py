@@ -177,6 +177,36 @@ def build_examples(ctx: RunContext, task: Any, raw: dict[str, Any]) -> tuple[dic
     return data, collator
 
 
+def prepare_examples(recipe: Any, overrides: list[str] | None = None, *, rows: int | None = None
+                     ) -> tuple[RunContext, dict[str, Any], Any]:
+    """The run's data phases without a model: what ``tokplug preview`` shows and what offline scoring commands
+    (``tokplug cdpo-score``) score, so both see exactly the examples the trainer will.
+
+    ``recipe`` is a recipe path (with ``overrides``) or a task runner. Runs validate, the raw data (the first
+    ``rows`` training rows when given), the tokenizer phase, the task's examples and ``tokplug_prepare_dataset``
+    per split, and the wrapped collator. ``ctx.model`` is ``None`` throughout: data hooks that need the model
+    (scoring with it) must skip then. Returns ``(ctx, examples per split, collator)``; nothing is written.
+    """
+    from .errors import RecipeError
+
+    runner = recipe
+    if isinstance(recipe, (str, os.PathLike)):
+        from .cli import runner_for
+
+        runner = runner_for(str(recipe), list(overrides or []))
+    ctx = runner.validate()
+    spec = runner.recipe
+    if not ctx.traits.dataset_hooks or spec.data is None or spec.data.train is None:
+        raise RecipeError(f"task {spec.task!r} has no training examples that pass the data hooks",
+                          where=f"{runner.source}: data.train", fix="add data.train, or run the recipe instead")
+    raw = runner.read_data(ctx)
+    if rows is not None:
+        raw = {"train": raw["train"].select(range(min(rows, len(raw["train"]))))}
+    build_tokenizer(ctx, runner.load_tokenizer(ctx), runner)  # the same ids as in the run
+    data, collator = build_examples(ctx, runner, raw)
+    return ctx, data, collator
+
+
 def prepare_dataset(ctx: RunContext, dataset: Any, split: str) -> Any:
     return ctx.call("tokplug_prepare_dataset", dataset=dataset, split=split)
 

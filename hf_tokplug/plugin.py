@@ -14,6 +14,7 @@ Tokens and rows:
     add_tokens, AddedToken, TokenInitRequest   add tokens (``tokplug_prepare_tokenizer``); token-init strategies
 Training:
     TokenLoss, ForwardCapture, TokenBatch   loss terms (``tokplug_loss_terms``) and what they receive
+    MainLoss                   a loss term that replaces the trainer's main loss (a method's own objective)
     FrozenLogProbs, reference_log_probs     a frozen model's (a preference trainer's reference's) per-token
                                             log-probs of a TokenBatch, cached per example (token-weight plugins)
 Models:
@@ -27,6 +28,7 @@ Files and locations:
     resolve_location, load_tokenizer, is_toy, check_toy_location, cache_root, packaged_path   embedded defaults
 Data and scores:
     load_data, load_split, DatasetSpec         recipe datasets; bits_per_byte (tokenizer-independent LM score)
+    prepare_examples           a recipe's data phases without a model: the trainer's own examples, for offline scoring
 Tasks (for plugins that register one):
     Runner, jsonable           the task base class (see :mod:`hf_tokplug.task`)
 """
@@ -99,6 +101,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "AddedToken": ("tokens", "AddedToken"),
     "TokenInitRequest": ("tokens", "TokenInitRequest"),
     "TokenLoss": ("training", "TokenLoss"),
+    "MainLoss": ("training", "MainLoss"),
     "ForwardCapture": ("training", "ForwardCapture"),
     "TokenBatch": ("training", "TokenBatch"),
     "FrozenLogProbs": ("training", "FrozenLogProbs"),
@@ -130,6 +133,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "bits_per_byte": ("evaluation", "bits_per_byte"),
     "Runner": ("task", "Runner"),
     "jsonable": ("lifecycle", "jsonable"),
+    "prepare_examples": ("lifecycle", "prepare_examples"),
 }
 
 __all__ = ["MODEL_KINDS", "Plugin", "PluginConfig", "PluginError", "RecipeError", "TaskTraits", "TokPlugError",

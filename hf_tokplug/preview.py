@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from . import lifecycle
-from .errors import RecipeError
 from .training import token_batch
 
 
@@ -20,15 +19,8 @@ def preview(runner: Any, n: int = 2, max_tokens: int = 64, console: Any = None) 
     from rich.table import Table
 
     console = console or Console()
-    ctx = runner.validate()
-    recipe = runner.recipe
-    if not ctx.traits.dataset_hooks or recipe.data is None or recipe.data.train is None:
-        raise RecipeError(f"preview needs data.train and a task whose examples pass the data hooks (task {recipe.task!r})",
-                          where=f"{runner.source}: data.train", fix="add data.train, or run the recipe instead")
-    raw = runner.read_data(ctx)
-    raw = {"train": raw["train"].select(range(min(n, len(raw["train"]))))}
-    tokenizer = lifecycle.build_tokenizer(ctx, runner.load_tokenizer(ctx), runner)  # the same ids as in the run
-    data, collator = lifecycle.build_examples(ctx, runner, raw)
+    ctx, data, collator = lifecycle.prepare_examples(runner, rows=n)
+    recipe, tokenizer = runner.recipe, ctx.tokenizer
     train = data["train"]
     batch = collator([train[i] for i in range(len(train))])
     # the trainer-independent view gives token labels for every task that scores tokens (DPO's completions too)

@@ -33,6 +33,21 @@ class TokenLoss:
 
 
 @dataclass
+class MainLoss:
+    """A loss term that *replaces* the trainer's main loss of this micro-batch instead of adding to it.
+
+    For a method that changes the main objective's form (cDPO's per-position loss) rather than adding a term or
+    weighting tokens. ``value`` is a scalar (a mean over this micro-batch) and is normalised like a plain scalar
+    term (divided by the accumulation steps when the trainer leaves that to the loss); other plugins' terms are
+    still added to it. At most one plugin may return a ``MainLoss`` per micro-batch (two are an error). The
+    trainer's own main loss is still computed (its graph is dropped) and the replacement is what is logged as
+    ``loss``.
+    """
+
+    value: torch.Tensor
+
+
+@dataclass
 class ForwardCapture:
     """What ``tokplug_loss_terms`` receives as ``outputs``.
 
@@ -50,6 +65,27 @@ class ForwardCapture:
     model_output: Any
     last_hidden_state: torch.Tensor | None
     shift: int = 1
+
+    def token_log_probs(self, batch: TokenBatch) -> torch.Tensor:
+        """``(B, T)`` log-probability of ``batch.targets`` under the model, with gradient, in the batch's output
+        frame (0 where nothing is scored): TRL's fused per-token ``log_probs`` when the trainer used its fused LM
+        head, else from the output's ``logits``. Under ``tokplug_token_weights`` the fused values are the weighted
+        ones the trainer reduced."""
+        targets = batch.targets
+        fused = getattr(self.model_output, "log_probs", None)
+        if torch.is_tensor(fused):
+            width = min(fused.shape[1], targets.shape[1])
+            out = fused.new_zeros(targets.shape, dtype=torch.float32)
+            out[:, :width] = fused[:, :width].float()
+        else:
+            logits = getattr(self.model_output, "logits", None)
+            if logits is None and isinstance(self.model_output, (tuple, list)) and self.model_output:
+                logits = self.model_output[0]
+            if not torch.is_tensor(logits):
+                raise ValueError("the model output has neither per-token log_probs nor logits")
+            logits = logits[:, : targets.shape[1]].float()
+            out = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return out.masked_fill(~batch.scored, 0.0)
 
 
 # Trainer families whose batches stack two completions per example: rows [0, B/2) chosen, [B/2, B) rejected.
@@ -419,7 +455,16 @@ def compute_loss_with_terms(
         args = trainer.args
         world = trainer.accelerator.num_processes if getattr(args, "average_tokens_across_devices", False) else 1
         mode = "train" if training else "eval"
+        replaced, parts = None, []
         for name, value in terms.items():
+            main = isinstance(value, MainLoss)
+            if main:
+                if replaced is not None:
+                    from .errors import PluginError
+
+                    raise PluginError(f"two plugins replace the main loss ({replaced} and {name}): only one may",
+                                      fix="enable one of the plugins that return a MainLoss")
+                replaced, value = name, value.value
             if isinstance(value, TokenLoss):
                 count = torch.as_tensor(value.count, device=value.sum.device).clamp(min=1)
                 shown = value.sum / count
@@ -431,8 +476,13 @@ def compute_loss_with_terms(
             else:
                 shown = value
                 added = value / steps if scaled and training else value
-            loss = loss + added
+            parts.append((main, added))
             host.setdefault(f"terms_{mode}", {}).setdefault(name, []).append(shown.detach())
+        if replaced is not None:  # the trainer's own main loss is dropped: the replacement, then the other terms
+            loss = next(added for main, added in parts if main)
+        for main, added in parts:
+            if not main:
+                loss = loss + added
     return (loss, *rest) if return_outputs else loss
 
 

@@ -84,3 +84,81 @@ def test_bad_cdpo_input(capsys, tmp_path):
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
         assert not out.exists()
+
+
+def _local_pairs(tmp_path, n=16):
+    from hf_tokplug.data import load_split
+    from hf_tokplug.recipe import DatasetSpec
+
+    rows = load_split(DatasetSpec(path="toy://kjv-preference"), "data.train", "test").select(range(n))
+    path = tmp_path / "pairs.jsonl"
+    rows.to_json(str(path), lines=True)
+    return path
+
+
+def test_score_command_writes_weights_next_to_the_data(tmp_path, capsys):
+    """`tokplug cdpo-score` scores the trainer's own prepared pairs (no policy model) and writes the weights next to
+    the data file; a run with weights_path then uses exactly the weights an in-run scoring gives."""
+    from hf_tokplug.plugin import tokenizer_vocab
+    from plugins.cdpo.plugin import vocab_fingerprint, weights_metadata
+
+    data = _local_pairs(tmp_path)
+    sections = {**DPO, "data": {**PAIRS, "train": str(data)}}
+    recipe = write_recipe(tmp_path / "score.yaml", base_recipe(tmp_path / "never", **sections, plugins={"cdpo": MODELS}))
+    assert main(["preview", str(recipe), "-n", "1"]) == 0  # the data phases run without the scoring models too
+    assert main(["cdpo-score", str(recipe)]) == 0, capsys.readouterr().err
+    weights = tmp_path / "pairs.cdpo_weights.safetensors"
+    assert weights.is_file() and not (tmp_path / "never").exists()
+    assert f"weights_path={weights}" in capsys.readouterr().out
+    meta = weights_metadata(weights)
+    assert meta["tokenizer"] == vocab_fingerprint(tokenizer_vocab("toy://llama")) and meta["pairs"] == "16"
+
+    scored, _ = run_recipe(tmp_path, "scored", **sections, plugins={"cdpo": MODELS})
+    reused, _ = run_recipe(tmp_path, "reused", **sections, plugins={"cdpo": {"weights_path": str(weights)}})
+    a, b = scored.ctx.plugins["cdpo"].weights, reused.ctx.plugins["cdpo"].weights
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    # weights scored with another tokenizer are refused before anything loads
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(weights)), str(bad), metadata={**meta, "tokenizer": "0" * 16})
+    out = tmp_path / "bad"
+    recipe = write_recipe(tmp_path / "bad.yaml", base_recipe(out, **sections, plugins={"cdpo": {"weights_path": str(bad)}}))
+    assert main(["run", str(recipe)]) == 2 and not out.exists()
+    assert "another tokenizer" in capsys.readouterr().err
+    # a data source that is not one local file needs --out
+    recipe = write_recipe(tmp_path / "toy.yaml", base_recipe(out, **DPO, plugins={"cdpo": MODELS}))
+    assert main(["cdpo-score", str(recipe)]) == 2 and "--out" in capsys.readouterr().err
+
+
+def test_position_loss_is_the_reference_form(tmp_path):
+    """loss: position replaces DPO's loss by -log sigmoid(beta (Delta^w_k - w_k Delta^l_k)) averaged over completion
+    positions k (chosen and rejected tokens paired by index), computed independently here."""
+    from plugins.cdpo.plugin import _key as pair_key
+
+    runner, _ = run_recipe(tmp_path, "run", **DPO, plugins={"cdpo": {**MODELS, "loss": "position"}})
+    ctx, trainer = runner.ctx, runner.ctx.trainer
+    plugin = ctx.plugins["cdpo"]
+    inputs = next(iter(trainer.get_train_dataloader()))
+    batch = token_batch(trainer, inputs, ctx.traits)
+    trainer.model.train()  # the weights are looked up as in training
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(inputs))
+        trainer.model.eval()
+        delta = model_token_log_probs(trainer.model, batch) - model_token_log_probs(trainer.ref_model, batch)
+    mask = inputs["attention_mask"]
+    losses = []
+    for c in range(4):
+        r = c + 4
+        dw, dl = delta[c][batch.scored[c]], delta[r][batch.scored[r]]
+        w = plugin.weights[pair_key(batch.input_ids[r][mask[r].bool()].tolist())]
+        k = max(len(dw), len(dl))
+        dw, dl = F.pad(dw, (0, k - len(dw))), F.pad(w * dl, (0, k - len(dl)))
+        losses.append(-F.logsigmoid(0.5 * (dw - dl)))
+    manual = torch.cat(losses).mean()
+    assert torch.allclose(loss, manual, atol=1e-5), (loss, manual)
+    plain = run_recipe(tmp_path, "dpo", **DPO)[0].ctx.trainer
+    with torch.no_grad():
+        assert not torch.allclose(plain.compute_loss(plain.model, dict(inputs)), loss, atol=1e-3)  # another form
+    assert any("cdpo/position_loss" in r for r in read_log(tmp_path / "run"))

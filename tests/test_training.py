@@ -88,3 +88,45 @@ def test_trainer_class_factory_is_cached():
 
     cls = hf_tokplug.trainer_class(SFTTrainer)
     assert cls is hf_tokplug.trainer_class(SFTTrainer) and issubclass(cls, SFTTrainer)
+
+
+class Doubles(hf_tokplug.Plugin):
+    """Replaces the main loss by twice itself, plus a constant the test can see (a MainLoss)."""
+
+    @hf_tokplug.hookimpl
+    def tokplug_loss_terms(self, ctx, model, inputs, outputs, batch):
+        from hf_tokplug.plugin import MainLoss
+
+        return {"double": MainLoss(2.0 * outputs.loss + 1.0)}
+
+
+class DoublesToo(Doubles):
+    pass
+
+
+def test_main_loss_replaces_the_trainers_loss(tmp_path, capsys):
+    """A MainLoss term replaces the main loss (other terms are still added); two replacements are an error."""
+    import torch
+
+    from conftest import base_recipe, write_recipe
+    from hf_tokplug import manager
+    from hf_tokplug.cli import main
+
+    train = {"max_steps": 1, "logging_steps": 1, "optim": "sgd", "learning_rate": 0.0}
+    with manager.registered("doubles", Doubles), manager.registered("doubles_too", DoublesToo):
+        plain, _ = run_recipe(tmp_path, "plain", train=train)
+        ran, _ = run_recipe(tmp_path, "ran", train=train, plugins={"doubles": None, "zloss": {"weight": 0.1}})
+        trainer = ran.ctx.trainer
+        trainer.model.train()
+        inputs = next(iter(trainer.get_train_dataloader()))
+        with torch.no_grad():
+            replaced = trainer.compute_loss(trainer.model, dict(inputs))
+            own = plain.ctx.trainer.compute_loss(plain.ctx.trainer.model, dict(inputs))
+        z = float(ran.ctx.host["terms_train"]["zloss/z"][-1])
+        assert z > 0 and torch.allclose(replaced, 2 * own + 1 + z, atol=1e-5), (replaced, own, z)
+        assert any("doubles/double" in r for r in read_log(tmp_path / "ran"))
+
+        recipe = write_recipe(tmp_path / "two.yaml", base_recipe(tmp_path / "two", train=train,
+                                                                 plugins={"doubles": None, "doubles_too": None}))
+        assert main(["run", str(recipe)]) == 2
+        assert "replace the main loss" in capsys.readouterr().err
