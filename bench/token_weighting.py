@@ -15,13 +15,14 @@ one or two words (same token length, so the differing tokens are known positions
   over the training set at the end of training (the noise share of all response tokens is printed beside it);
 - ``sstoken.clean_eval_loss``: eval loss on clean held-out completions after full SFT, REL-only (gamma 1) and ssToken
   (gamma 0.5), same data, steps and seed;
-- ``step_time_ratio``: TGDPO / plain DPO and ssToken / plain SFT median step times (rounds alternating the order in
-  this one process).
+- ``step_time_ratio``: TGDPO / plain DPO, ssToken / plain SFT and cDPO (both loss forms, weights precomputed: the
+  scoring is a one-off cost before training) / plain DPO median step times (rounds alternating the order in this one
+  process).
 - ``cdpo.critical_recall_at_1``: on synthetic arithmetic traces whose wrong version has one critical token (the first
   wrong digit; the second is its consequence), the share of rejected traces whose largest cDPO weight w_t sits on
   it, with a positive / negative model fine-tuned here on the correct / wrong traces;
-- ``cdpo.critical_token_prob``: the policy's mean probability of that critical wrong token after plain DPO and after
-  cDPO (same pairs, steps, seed; lower is better).
+- ``cdpo.critical_token_prob``: the policy's mean probability of that critical wrong token after plain DPO, after
+  cDPO and after cDPO with the reference's per-position loss (same pairs, steps, seed; lower is better).
 
 Prints one JSON object on its last line.
 """
@@ -158,9 +159,12 @@ def cdpo_bench(tmp: Path, args) -> dict:
     _, _, plain = run(tmp, "dpo-arith", pairs, args.cdpo_epochs, {})
     _, _, weighted = run(tmp, "cdpo-arith", pairs, args.cdpo_epochs,
                          {"cdpo": {"positive_model": str(pos), "negative_model": str(neg), "lam": 1.0}})
-    weights = load_file(str(tmp / "cdpo-arith" / "cdpo_weights.safetensors"))
+    weights_file = tmp / "cdpo-arith" / "cdpo_weights.safetensors"
+    _, _, position = run(tmp, "cdpo-position-arith", pairs, args.cdpo_epochs,
+                         {"cdpo": {"weights_path": str(weights_file), "loss": "position"}})
+    weights = load_file(str(weights_file))
     dataset = weighted.ctx.trainer.train_dataset
-    hits, probs = 0, {"dpo": [], "cdpo": []}
+    hits, probs = 0, {"dpo": [], "cdpo": [], "cdpo_position": []}
     import hashlib
 
     for prompt, chosen, rejected in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]):
@@ -168,13 +172,13 @@ def cdpo_bench(tmp: Path, args) -> dict:
         key = hashlib.sha1(torch.tensor(prompt + rejected, dtype=torch.int64).numpy().tobytes()).hexdigest()
         hits += int(int(weights[key].argmax()) == critical)
         ids = torch.tensor([prompt + rejected[:critical]])
-        for name, runner in (("dpo", plain), ("cdpo", weighted)):
+        for name, runner in (("dpo", plain), ("cdpo", weighted), ("cdpo_position", position)):
             model = unwrap(runner.ctx.model).eval()
             with torch.no_grad():
                 p = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)[rejected[critical]]
             probs[name].append(float(p))
     return {"critical_recall_at_1": round(hits / len(dataset), 4),
-            "critical_token_prob": {k: round(statistics.mean(v), 4) for k, v in probs.items()}}
+            "critical_token_prob": {k: round(statistics.mean(v), 5) for k, v in probs.items()}}, pairs, weights_file
 
 
 def noise_precision(runner, noise_ids: set[int]) -> tuple[float, float]:
@@ -269,17 +273,22 @@ def main() -> None:
                                             eval_data=eval_data)
             clean_loss[name] = round(metrics["eval_loss"], 4)
         precision, clean_share = noise_precision(runners["sstoken"], noise_ids)
-        cdpo = cdpo_bench(tmp, args)
+        cdpo, traces, cdpo_weights = cdpo_bench(tmp, args)
 
-        ratios: dict[str, list[float]] = {"tgdpo": [], "sstoken": []}
+        ratios: dict[str, list[float]] = {"tgdpo": [], "sstoken": [], "cdpo": [], "cdpo_position": []}
+        trace_epochs = max(1, args.time_epochs // 3)  # 6 steps per epoch on the traces, 2 on the pairs
+        timed = (("tgdpo", "dpo", "preference_dpo", data, tg_plugins, args.time_epochs),
+                 ("sstoken", "sft", "causal_lm_sft", sft_data, {"sstoken": ss}, args.time_epochs),
+                 ("cdpo", "dpo-traces", "preference_dpo", traces, {"cdpo": {"weights_path": str(cdpo_weights)}},
+                  trace_epochs),
+                 ("cdpo_position", "dpo-traces", "preference_dpo", traces,
+                  {"cdpo": {"weights_path": str(cdpo_weights), "loss": "position"}}, trace_epochs))
         for r in range(args.rounds):  # step time: short runs, order alternating per round
-            for method, base, task, data_file, plugins in (("tgdpo", "dpo", "preference_dpo", data, tg_plugins),
-                                                           ("sstoken", "sft", "causal_lm_sft", sft_data, {"sstoken": ss})):
+            for method, base, task, data_file, plugins, epochs in timed:
                 times = {}
                 for name in ([base, method] if r % 2 == 0 else [method, base]):
                     timer = StepTimer()
-                    run(tmp, f"time-{name}", data_file, args.time_epochs, plugins if name == method else {}, timer,
-                        task=task)
+                    run(tmp, f"time-{name}", data_file, epochs, plugins if name == method else {}, timer, task=task)
                     times[name] = timer.median(warmup=5)
                 ratios[method].append(times[method] / times[base])
     result = {
