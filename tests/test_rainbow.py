@@ -185,3 +185,65 @@ def test_sampler_temperature_and_cfg():
     greedy = diffusion_sample(model, prompt, mask_id=7, gen_length=8)
     guided = diffusion_sample(model, prompt, mask_id=7, gen_length=8, cfg_scale=2.0)
     assert guided.shape == greedy.shape and not (guided == 7).any()
+
+
+def _context_sensitive_dllm(layers: int):
+    """A random bidirectional Gemma whose predictions depend on the context (large init)."""
+    from hf_tokplug import toy
+
+    cfg, cls = toy.TOY_MODELS["gemma-bidir"].build(300, layers=layers)
+    cfg.initializer_range = 0.5
+    torch.manual_seed(0)
+    return cls(cfg).eval()
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+@pytest.mark.parametrize("cache", ["prefix", "dual"])
+def test_cached_sampling_is_exact_where_nothing_stale_is_reused(cache, cfg_scale):
+    """With one layer a position's cached keys/values depend on its own token only, and the tokens before (prefix)
+    or outside (dual) the block do not change while the block decodes: the cache is exact there, so the cached
+    sampler must give the plain sampler's tokens (this checks positions, the open mask and the cache trimming). With
+    two layers the reused keys/values are stale (documented as approximate) and the tokens do differ."""
+    prompt = torch.randint(10, 200, (3, 7), generator=torch.Generator().manual_seed(1))
+    kw = {"mask_id": 299, "gen_length": 16, "block_length": 8, "steps": 16, "cfg_scale": cfg_scale}
+    one = _context_sensitive_dllm(1)
+    plain = diffusion_sample(one, prompt, **kw)
+    assert plain.unique().numel() > 8  # the predictions do depend on the context
+    assert torch.equal(diffusion_sample(one, prompt, cache=cache, **kw), plain)
+    two = _context_sensitive_dllm(2)
+    assert not torch.equal(diffusion_sample(two, prompt, cache=cache, **kw), diffusion_sample(two, prompt, **kw))
+
+
+def test_cached_and_parallel_sampling_run_fewer_or_shorter_forwards():
+    model = _context_sensitive_dllm(2)
+    lengths: list[int] = []
+    handle = model.register_forward_hook(lambda _m, args, kwargs, _out: lengths.append(kwargs["input_ids"].shape[1]),
+                                         with_kwargs=True)
+    prompt = torch.randint(10, 200, (2, 7), generator=torch.Generator().manual_seed(1))
+    kw = {"mask_id": 299, "gen_length": 16, "block_length": 8, "steps": 16}
+    plain = diffusion_sample(model, prompt, **kw)
+    assert lengths == [23] * 16
+    lengths.clear()
+    diffusion_sample(model, prompt, cache="prefix", **kw)  # a full forward per block, then the block and its suffix
+    assert lengths == [23] + [16] * 7 + [23] + [8] * 7
+    lengths.clear()
+    diffusion_sample(model, prompt, cache="dual", **kw)  # then the block alone
+    assert lengths == [23] + [8] * 7 + [23] + [8] * 7
+    lengths.clear()
+    everything = diffusion_sample(model, prompt, threshold=1e-9, **kw)  # every position is confident enough
+    assert len(lengths) == 2 and not (everything == 299).any()
+    lengths.clear()
+    assert torch.equal(diffusion_sample(model, prompt, threshold=1.0, **kw), plain)  # nothing extra commits
+    assert len(lengths) == 16
+    handle.remove()
+    for bad in ({"cache": "full"}, {"threshold": 0.0}, {"threshold": 1.5}):
+        with pytest.raises(ValueError):
+            diffusion_sample(model, prompt, **kw, **bad)
+
+
+@pytest.mark.parametrize("options", [{"cache": "dual"}, {"threshold": 0.5}, {"cache": "prefix", "threshold": 0.9}])
+def test_generate_with_cache_and_threshold_stops_at_rainbow_pads(tmp_path, options):
+    runner, _ = run_recipe(tmp_path, "gen", **MDM, plugins={"rainbow_padding": {"num_pads": 3}}, train={"max_steps": 2})
+    texts = generate(runner.ctx, ["Continue the verse: In the beginning"], gen_length=16, block_length=8, steps=16,
+                     **options)
+    assert len(texts) == 1 and "rainbow_pad" not in texts[0]
