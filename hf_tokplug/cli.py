@@ -20,7 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RecipeError, TokPlugError
+from .errors import TokPlugError
 
 BUILTIN_COMMANDS = ("run", "validate", "preview", "recipes", "plugins", "push")
 
@@ -32,21 +32,10 @@ def _console() -> Any:
 
 
 def runner_for(recipe_path: str, overrides: list[str]) -> Any:
-    from .manager import registries
-    from .recipe import load_recipe
+    """The task runner of a recipe with overrides: :func:`hf_tokplug.lifecycle.runner_for` (imported on use)."""
+    from .lifecycle import runner_for as build
 
-    recipe = load_recipe(recipe_path, overrides)
-    source = recipe_path + (" (with command-line overrides)" if overrides else "")
-    runners = registries().runners
-    if recipe.task not in runners:
-        raise RecipeError(
-            f"unknown task {recipe.task!r}; available: {', '.join(sorted(runners))}",
-            where=f"{source}: task",
-            fix="pick one of the available tasks, or install the plugin that provides this one",
-        )
-    runner = runners[recipe.task](recipe, source)
-    runner.recipe_path = recipe_path
-    return runner
+    return build(recipe_path, overrides)
 
 
 # ------------------------------------------------------------------------------------------------------ commands

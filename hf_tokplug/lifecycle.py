@@ -177,6 +177,26 @@ def build_examples(ctx: RunContext, task: Any, raw: dict[str, Any]) -> tuple[dic
     return data, collator
 
 
+def runner_for(recipe_path: str, overrides: list[str]) -> Any:
+    """The task runner of the recipe at ``recipe_path`` with ``key=value`` overrides (``tokplug run``'s first step)."""
+    from .errors import RecipeError
+    from .manager import registries
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path, overrides)
+    source = recipe_path + (" (with command-line overrides)" if overrides else "")
+    runners = registries().runners
+    if recipe.task not in runners:
+        raise RecipeError(
+            f"unknown task {recipe.task!r}; available: {', '.join(sorted(runners))}",
+            where=f"{source}: task",
+            fix="pick one of the available tasks, or install the plugin that provides this one",
+        )
+    runner = runners[recipe.task](recipe, source)
+    runner.recipe_path = recipe_path
+    return runner
+
+
 def prepare_examples(recipe: Any, overrides: list[str] | None = None, *, rows: int | None = None
                      ) -> tuple[RunContext, dict[str, Any], Any]:
     """The run's data phases without a model: what ``tokplug preview`` shows and what offline scoring commands
@@ -191,8 +211,6 @@ def prepare_examples(recipe: Any, overrides: list[str] | None = None, *, rows: i
 
     runner = recipe
     if isinstance(recipe, (str, os.PathLike)):
-        from .cli import runner_for
-
         runner = runner_for(str(recipe), list(overrides or []))
     ctx = runner.validate()
     spec = runner.recipe

@@ -19,7 +19,7 @@ SUFFIX = ".cdpo_weights.safetensors"
 
 
 def configure_command(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("recipe", help="a preference_dpo recipe with a plugins.cdpo block (positive_model, negative_model)")
+    parser.add_argument("recipe", help="a DPO recipe with a plugins.cdpo block (positive_model, negative_model)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for `tokplug run`")
     parser.add_argument("--out", default=None,
                         help=f"where to write the weights (default: next to a local data.train file, *{SUFFIX})")
