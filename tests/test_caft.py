@@ -107,7 +107,7 @@ def test_stage_b_uses_frozen_heads_and_saves_a_plain_model(tmp_path):
     heads_dir = tmp_path / "heads"
     runner, metrics = run_recipe(
         tmp_path, "sft", plugins={"caft": {"num_heads": 2, "heads_path": str(heads_dir)}}, adapter={"r": 4},
-        data={"eval": {"path": "toy://kjv-chat", "split": "eval"}},
+        data={"eval_size": 8},
         train={"eval_strategy": "steps", "eval_steps": 2, "metric_for_best_model": "caft/selection",
                "greater_is_better": False, "save_strategy": "steps", "save_steps": 2, "load_best_model_at_end": True})
     heads = runner.ctx.plugins["caft"].heads

@@ -25,8 +25,7 @@ ORDER = [
 ]
 
 TRAIN = {"max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no", "logging_steps": 1}
-EVAL_CHAT = {"train": "toy://kjv-chat", "eval": {"path": "toy://kjv-chat", "split": "eval"}, "max_samples": 8,
-             "max_length": 48}
+EVAL_CHAT = {"train": "toy://kjv-chat", "eval_size": 2, "max_samples": 8, "max_length": 48}
 SD_OPTIONS = {"resolution": 32, "sample_prompts": ["a photo of sks square"], "num_inference_steps": 2}
 
 # A small recipe per registered task on the embedded default (a new task adds a row here).
@@ -50,11 +49,9 @@ TASK_RECIPES = {
                         "task_options": {"steps": 2, "warmup_steps": 1, "batch_size": 4, "eval_texts": 4, "width": 16,
                                          "layers": 1, "heads": 2, "eval_merges": [2]}},
     "preference_dpo": {"task": "preference_dpo", "adapter": {"r": 4}, "train": TRAIN,
-                       "data": {"train": "toy://kjv-preference", "eval": {"path": "toy://kjv-preference", "split": "eval"},
-                                "max_samples": 8, "max_length": 48}},
+                       "data": {"train": "toy://kjv-preference", "eval_size": 2, "max_samples": 8, "max_length": 48}},
     "reward_model": {"task": "reward_model", "adapter": {"r": 4}, "train": TRAIN,
-                     "data": {"train": "toy://kjv-preference", "eval": {"path": "toy://kjv-preference", "split": "eval"},
-                              "max_samples": 8, "max_length": 48}},
+                     "data": {"train": "toy://kjv-preference", "eval_size": 2, "max_samples": 8, "max_length": 48}},
     "grpo": {"task": "grpo", "adapter": {"r": 4}, "data": {"train": "toy://kjv-verifiable", "max_samples": 8},
              "train": {**TRAIN, "num_generations": 2, "max_completion_length": 4},
              "task_options": {"rewards": ["exact_match", {"name": "length", "target": 8}]}},
@@ -169,7 +166,8 @@ def test_every_task_fires_the_documented_order(tmp_path, task):
     traits = registries().runners[task].traits
     skipped = traits.skipped_hooks(adapter=sections.get("adapter") is not None,
                                    renders=bool((sections.get("task_options") or {}).get("sample_prompts")))
-    splits = {"prepare_dataset:eval"} if isinstance(sections.get("data"), dict) and "eval" in sections["data"] else set()
+    data = sections.get("data")
+    splits = {"prepare_dataset:eval"} if isinstance(data, dict) and ({"eval", "eval_size"} & set(data)) else set()
     expected = [c for c in ORDER if f"tokplug_{c.split(':')[0]}" not in skipped
                 and (not c.startswith("prepare_dataset:eval") or c in splits)]
     assert [c for c in CALLS if c != "loss_terms"] == expected
@@ -177,8 +175,7 @@ def test_every_task_fires_the_documented_order(tmp_path, task):
 
 
 def test_checkpoints_save_state_and_restore_fires_once(tmp_path):
-    _, metrics = run_recipe(tmp_path, "run", plugins={"recorder": None}, adapter={"r": 4},
-                            data={"eval": {"path": "toy://kjv-chat", "split": "eval"}},
+    _, metrics = run_recipe(tmp_path, "run", plugins={"recorder": None}, adapter={"r": 4}, data={"eval_size": 8},
                             train={"save_strategy": "steps", "save_steps": 2})
     once = [c for c in CALLS if c != "loss_terms"]
     assert once == [

@@ -14,8 +14,8 @@ from hf_tokplug.errors import PluginError, RecipeError
 
 from conftest import read_log, run_recipe
 
-PAIRS = {"train": "toy://kjv-preference", "eval": {"path": "toy://kjv-preference", "split": "eval"},
-         "max_samples": 16, "max_length": 48}
+# eval: 4 pairs held out of the 16 (the toy's eval split has 360 pairs, which every DPO evaluation would score)
+PAIRS = {"train": "toy://kjv-preference", "eval_size": 4, "max_samples": 16, "max_length": 48}
 DPO = {"task": "preference_dpo", "data": PAIRS, "train": {"max_steps": 3, "per_device_train_batch_size": 4}}
 REWARD = {"task": "reward_model", "data": PAIRS, "adapter": {"r": 4},
           "train": {"max_steps": 3, "per_device_train_batch_size": 4}}

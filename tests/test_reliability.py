@@ -36,8 +36,7 @@ def _spawn(recipe: Path, *overrides: str, kill_at: str = "") -> subprocess.Popen
 
 
 def _recipe(tmp: Path, name: str, **train) -> Path:
-    recipe = base_recipe(tmp / name, plugins={"killer": {}, "zloss": {"weight": 1e-3}},
-                         data={"eval": {"path": "toy://kjv-chat", "split": "eval"}},
+    recipe = base_recipe(tmp / name, plugins={"killer": {}, "zloss": {"weight": 1e-3}}, data={"eval_size": 8},
                          train={**KILL_TRAIN, **train})
     return write_recipe(tmp / f"{name}.yaml", recipe)
 

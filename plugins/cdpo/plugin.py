@@ -211,7 +211,7 @@ class CDPOPlugin(Plugin):
         if not {"prompt_ids", "rejected_ids"} <= set(dataset.column_names):
             raise PluginError(f"cdpo scores TRL's prepared preference pairs (prompt_ids, rejected_ids); the {split} "
                               f"data has {dataset.column_names}", where=self.where, fix="use a DPO task (TRL's prepared pairs)")
-        if self.config.weights_path is None and ctx.model is None:
+        if ctx.model is None:
             return None  # no model (preview, `tokplug cdpo-score`): the pairs are scored by whoever has the models
         if self.config.weights_path is not None:
             from safetensors.torch import load_file
@@ -241,6 +241,7 @@ class CDPOPlugin(Plugin):
 
     def metadata(self, tokenizer) -> dict[str, str]:
         c = self.config
+        # the model's own tokenizer, what validate compares a weights file against (ids are checked per pair anyway)
         return {"tokplug": "cdpo", "tokenizer": vocab_fingerprint(tokenizer.get_vocab()), "lam": str(c.lam),
                 "scale": str(c.scale), "positive_model": str(c.positive_model), "negative_model": str(c.negative_model),
                 "pairs": str(len(self.weights or {}))}
@@ -329,7 +330,7 @@ class CDPOPlugin(Plugin):
     @hookimpl
     def tokplug_save(self, ctx, output_dir):
         if self.weights:  # the scores travel with the run (weights_path reuses them)
-            save_weights(Path(output_dir) / WEIGHTS_FILE, self.weights, self.metadata(ctx.tokenizer))
+            save_weights(Path(output_dir) / WEIGHTS_FILE, self.weights, self.metadata(ctx.base_tokenizer or ctx.tokenizer))
             ctx.add_state_file(self.name, WEIGHTS_FILE)
 
     @hookimpl

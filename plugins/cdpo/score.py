@@ -69,7 +69,7 @@ def run_command(args: argparse.Namespace) -> int:
     plugin.weights = plugin.score(rows, device=device)
     out.parent.mkdir(parents=True, exist_ok=True)
     staged = out.with_name(out.name + ".partial")
-    save_weights(staged, plugin.weights, plugin.metadata(ctx.tokenizer))
+    save_weights(staged, plugin.weights, plugin.metadata(ctx.base_tokenizer or ctx.tokenizer))
     staged.replace(out)  # never a half-written weights file
     values = torch.cat(list(plugin.weights.values()))
     print(f"scored {len(rows)} pairs ({len(values)} rejected tokens, mean weight {float(values.mean()):.3f}) -> {out}")
