@@ -7,8 +7,12 @@
 2. Builds tokenizer B (byte-level BPE, 6,144 tokens, same text) and a supertoken tokenizer (6,144 tokens).
 3. Transplants A -> B with random (fallback), mean, fvt, local, global and hybrid (the plugin's default
    configuration), scoring bits per byte on held-out verses; the ratio to the original model is the figure.
-4. Runs the default transplant A -> Qwen2 (151,851 tokens) cold, in a child process with an empty embedding cache,
-   measuring wall time and peak RSS, then the same bpb ratios for it (mean and fvt beside).
+4. Runs the 151k swap cold through the recipe path: ``tokplug run recipes/tokenadapt_transplant.yaml
+   plugins.tokenadapt.tokenizer=toy://tokenizer/qwen2`` (toy Llama -> Qwen2, 151,851 tokens, with the recipe's
+   bits-per-byte evaluation) in a child process with an empty embedding cache and ``--threads`` threads (2: this
+   machine's cores), measured from outside: ``scale.seconds`` is the child's wall time (start-up and imports
+   included), ``scale.peak_rss_gb`` its peak RSS; ``scale.stages`` the transplant's own stage times. Then the
+   default transplant A -> Qwen2 of the pretrained model above for the bpb ratios (mean and fvt beside).
 
 Last line: one JSON object (keys named in issue 3).
 """
@@ -127,33 +131,37 @@ def configs(default: TokenAdaptConfig) -> dict[str, TokenAdaptConfig]:
     return out
 
 
-def scale_child(model_dir: str, old_dir: str, out_json: str) -> None:
-    """Child process: the cold default transplant to Qwen2 (timed), then save for scoring."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    old = AutoTokenizer.from_pretrained(old_dir)
-    config = TokenAdaptConfig(tokenizer="toy://tokenizer/qwen2")
-    new = prepare_new_tokenizer(old, toy.load_tokenizer(config.tokenizer), config, "plugins.tokenadapt")
-    report = transplant(model, old, new, config)
-    seconds = time.perf_counter() - start
-    rate = report.strings_embedded / max(report.seconds.get("embed", 1e-9), 1e-9)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB -> GB (10^9 bytes)
-    Path(out_json).write_text(json.dumps({"seconds": seconds, "peak_rss_gb": peak, "embed_strings_per_second": rate,
-                                          "report": report.to_json()}))
+def scale_run(threads: int) -> dict:
+    """The cold 151k swap through the recipe path, in a child process, measured from outside."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "HF_TOKPLUG_CACHE": tmp + "/cold", "OMP_NUM_THREADS": str(threads),
+               "HF_HUB_OFFLINE": "1"}  # empty embedding cache: a cold run
+        # the converted Qwen2 tokenizer is reused from the warm cache (conversion is setup, not transplant)
+        qwen = toy.tokenizer_path("toy://tokenizer/qwen2")
+        os.makedirs(tmp + "/cold/tokenizers", exist_ok=True)
+        os.symlink(qwen, f"{tmp}/cold/tokenizers/{Path(qwen).name}")
+        recipe = Path(__file__).resolve().parents[1] / "recipes" / "tokenadapt_transplant.yaml"
+        command = [sys.executable, "-m", "hf_tokplug.cli", "run", str(recipe),
+                   "plugins.tokenadapt.tokenizer=toy://tokenizer/qwen2", f"output_dir={tmp}/run", "overwrite=true"]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 1e9  # KiB -> GB (10^9 bytes)
+        report = json.loads(Path(f"{tmp}/run/tokenadapt.json").read_text())
+    rep = report["report"]
+    return {"seconds": wall, "peak_rss_gb": peak, "threads": threads, "stages": rep["seconds"],
+            "embed_strings_per_second": rep["strings_embedded"] / max(rep["seconds"].get("embed", 1e-9), 1e-9),
+            "recipe_bpb_ratio": report["scores"].get("bpb_ratio")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--skip-scale", action="store_true")
-    parser.add_argument("--scale-child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 2),
+                        help="threads of the cold-swap child process")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 2)) if not torch.cuda.is_available() else None
-    if args.scale_child:
-        scale_child(*args.scale_child)
-        return
     cache = toy.cache_root() / "bench-tokenadapt"
     train, held, source = corpus()
     print(f"corpus: {source}, {len(train)} training / {len(held)} held-out verses", flush=True)
@@ -186,23 +194,14 @@ def main() -> None:
     result["supertokens"]["bytes_per_token"] = sum(len(t.encode()) for t in held) / sum(
         len(i) for i in tok_s(held, add_special_tokens=False)["input_ids"])
     if not args.skip_scale:
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = cache / f"model-{args.steps}"
-            tok_a.save_pretrained(tmp + "/old")
-            env = {**os.environ, "HF_TOKPLUG_CACHE": tmp + "/cold"}  # empty embedding cache: a cold run
-            # the converted Qwen2 tokenizer is reused from the warm cache (conversion is setup, not transplant)
-            qwen = toy.tokenizer_path("toy://tokenizer/qwen2")
-            os.makedirs(tmp + "/cold/tokenizers", exist_ok=True)
-            os.symlink(qwen, f"{tmp}/cold/tokenizers/{Path(qwen).name}")
-            start = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--scale-child", str(model_dir), tmp + "/old", tmp + "/s.json"],
-                           check=True, env=env)
-            wall = time.perf_counter() - start
-            child = json.loads(Path(tmp + "/s.json").read_text())
+        child = scale_run(args.threads)
         qwen_tok = toy.load_tokenizer("toy://tokenizer/qwen2")
-        scale = {"vocab": len(qwen_tok), "seconds": child["seconds"], "process_wall_seconds": wall,
-                 "peak_rss_gb": child["peak_rss_gb"], "embed_strings_per_second": child["embed_strings_per_second"],
-                 "stages": child["report"]["seconds"], "shared_tokens": child["report"]["shared"]}
+        new_q = prepare_new_tokenizer(tok_a, copy.deepcopy(qwen_tok), default, "x")
+        shared = transplant(copy.deepcopy(model), tok_a, new_q, default, progress=False).shared
+        scale = {"vocab": len(qwen_tok), "seconds": child["seconds"], "process_wall_seconds": child["seconds"],
+                 "peak_rss_gb": child["peak_rss_gb"], "threads": child["threads"],
+                 "embed_strings_per_second": child["embed_strings_per_second"], "stages": child["stages"],
+                 "recipe_bpb_ratio": child["recipe_bpb_ratio"], "shared_tokens": shared}
         cfgs = configs(default)
         scale["bpb_ratio"] = ratio(model, tok_a, qwen_tok, default, held, base)[0]
         scale["mean_bpb_ratio"] = ratio(model, tok_a, qwen_tok, cfgs["mean"], held, base)[0]

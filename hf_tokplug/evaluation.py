@@ -21,7 +21,7 @@ def bits_per_byte(
     *,
     max_length: int = 512,
     batch_size: int = 16,
-    max_logits_bytes: int = 128 * 2**20,
+    max_logits_bytes: int = 64 * 2**20,
     progress: bool = False,
 ) -> dict[str, float]:
     """Score ``texts`` with ``model`` under ``tokenizer``; return ``bpb``, ``nll`` (nats), ``bytes``, ``tokens``.

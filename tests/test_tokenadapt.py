@@ -132,6 +132,24 @@ def test_embedder_dedupes_and_caches():
     assert emb.strings_embedded - before == 3 and torch.equal(v, again)  # from the disk cache
 
 
+def test_embedder_precision_follows_the_hardware_and_stays_faithful():
+    """dtype auto is bfloat16 only where bf16 runs natively; its vectors match float32's (cosine > 0.999); the old
+    `quantize` option warns that it has no effect (PyTorch deprecates torch.ao dynamic quantisation)."""
+    import pytest
+
+    from hf_tokplug_plugins.tokenadapt.config import EmbedderConfig
+    from hf_tokplug_plugins.tokenadapt.embedder import AuxEmbedder, native_bf16
+
+    auto = get_embedder(EmbedderConfig())
+    assert auto.dtype == (torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32)
+    strings = ["the", " beginning", " covenant", "ĠLORD", "123", " wilderness"]
+    fp32 = AuxEmbedder(EmbedderConfig(dtype="float32", cache=False)).embed(strings, progress=False).float()
+    bf16 = AuxEmbedder(EmbedderConfig(dtype="bfloat16", cache=False)).embed(strings, progress=False).float()
+    assert float(torch.nn.functional.cosine_similarity(fp32, bf16, dim=-1).min()) > 0.999
+    with pytest.warns(UserWarning, match="quantize is deprecated"):
+        AuxEmbedder(EmbedderConfig(quantize=True, dtype="float32", cache=False))
+
+
 def test_token_init_strategies_serve_other_plugins():
     assert {"hybrid", "fvt", "local", "global"} <= set(manager.registries().token_inits)
 

@@ -2,8 +2,9 @@
 
 Vocabulary strings are short and many (151k for Qwen2). Three things keep this cheap: each string the embedder
 *sees* differently is embedded once (an uncased WordPiece model maps ``' The'``, ``'the'`` and ``'Ġthe'`` to the
-same ids), strings are batched sorted by length (little padding), and on CPU the Linear layers run as dynamic
-int8. Results are cached per (embedder, string list) hash as safetensors.
+same ids), strings are batched sorted by length (little padding), and the forward runs in bfloat16 where the
+hardware has bf16 matrix units (CUDA; CPUs with AVX512-BF16 / AMX), else float32. Results are cached per
+(embedder, string list) hash as safetensors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,6 +20,18 @@ import torch
 from hf_tokplug.plugin import PluginError, cache_root, packaged_path
 
 from .config import EmbedderConfig
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls run natively (fast) on ``device``: CUDA, or a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return True
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    try:
+        return any(check() for check in checks if check is not None)
+    except Exception:
+        return False
+
 
 def resolve_embedder(name_or_path: str) -> str:
     """A local folder for packaged embedders (offline: the host's packaged models, ``packaged_path``), the input otherwise."""
@@ -50,18 +64,22 @@ class AuxEmbedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         model.eval()
-        self.quantized = False
-        if self.device.type == "cpu" and self.config.quantize:
-            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-            self.quantized = True
-        self.model = model.to(self.device)
+        if self.config.quantize is not None:
+            warnings.warn("plugins.tokenadapt.embedder.quantize is deprecated and has no effect: the embedder runs in "
+                          "embedder.dtype (auto: bfloat16 where the hardware has bf16 units, else float32) instead of "
+                          "torch.ao dynamic int8, which PyTorch deprecates and which was lossy here", stacklevel=2)
+        dtype = self.config.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if native_bf16(self.device) else "float32"
+        self.dtype = getattr(torch, dtype)
+        self.model = model.to(self.device, self.dtype)
         self.dim = int(getattr(model.config, "hidden_size", 0))
         self.strings_embedded = 0  # distinct inputs actually run through the model (for throughput reports)
 
     @property
     def fingerprint(self) -> str:
         """Hash of what determines the embeddings: the weights' config and files, the options that matter."""
-        parts = [self.config.name_or_path, str(self.quantized), str(self.config.max_length)]
+        parts = [self.config.name_or_path, str(self.dtype), str(self.config.max_length)]
         folder = Path(self.location)
         for name in ("config.json", "tokenizer.json"):
             if (folder / name).is_file():
@@ -101,6 +119,7 @@ class AuxEmbedder:
                 ids[row, : len(keys[i])] = torch.tensor(keys[i])
                 mask[row, : len(keys[i])] = 1
             hidden = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+            hidden = hidden.float()  # pooling and normalisation in float32 whatever the forward's dtype
             m = mask.to(self.device).unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1)
             out[idx] = torch.nn.functional.normalize(pooled.float(), dim=-1).cpu().half()
