@@ -244,6 +244,8 @@ def test_cached_and_parallel_sampling_run_fewer_or_shorter_forwards():
 @pytest.mark.parametrize("options", [{"cache": "dual"}, {"threshold": 0.5}, {"cache": "prefix", "threshold": 0.9}])
 def test_generate_with_cache_and_threshold_stops_at_rainbow_pads(tmp_path, options):
     runner, _ = run_recipe(tmp_path, "gen", **MDM, plugins={"rainbow_padding": {"num_pads": 3}}, train={"max_steps": 2})
-    texts = generate(runner.ctx, ["Continue the verse: In the beginning"], gen_length=16, block_length=8, steps=16,
-                     **options)
+    prompt = ["Continue the verse: In the beginning"]
+    texts = generate(runner.ctx, prompt, gen_length=16, block_length=8, steps=16, **options)
     assert len(texts) == 1 and "rainbow_pad" not in texts[0]
+    restored = hf_tokplug.from_pretrained(tmp_path / "gen")  # the restored-model path takes the same options
+    assert generate(restored, prompt, gen_length=16, block_length=8, steps=16, **options) == texts
