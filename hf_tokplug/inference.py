@@ -23,9 +23,18 @@ import torch.nn.functional as F
 def generate(ctx: Any, prompts: str | list[str], *, chat: bool = True, **generate_kwargs: Any) -> list[str]:
     """Generate a completion for each prompt with ``ctx.model``; plugins may rewrite inputs and outputs.
 
-    With ``chat=True`` and a tokenizer that has a chat template, each prompt is a user message.
+    With ``chat=True`` and a tokenizer that has a chat template, each prompt is a user message. A masked-diffusion
+    LM (a context whose task's traits say ``masked_lm``, or a model without ``generate``, such as ModernBERT) is
+    sampled with :func:`diffusion_generate` instead: ``max_new_tokens`` becomes ``gen_length`` and its options
+    (``block_length``, ``steps``, ``temperature``, ``cfg_scale``, ``cache``, ``threshold``) pass through.
     """
     tokenizer, model = ctx.tokenizer, ctx.model
+    traits = getattr(ctx, "traits", None)
+    if (traits is not None and traits.model_kind == "masked_lm") or not hasattr(model, "generate"):
+        options = dict(generate_kwargs)
+        if "max_new_tokens" in options:
+            options["gen_length"] = options.pop("max_new_tokens")
+        return diffusion_generate(ctx, prompts, chat=chat, **options)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if chat and tokenizer.chat_template:
         prompts = [
@@ -223,6 +232,12 @@ def diffusion_generate(ctx: Any, prompts: str | list[str], *, chat: bool = True,
     ``cache`` (``"prefix"``/``"dual"``, approximate) and ``threshold`` (parallel commits) speed it up: see
     :func:`diffusion_sample`."""
     tokenizer, model = ctx.tokenizer, ctx.model
+    if tokenizer.mask_token_id is None:
+        from .errors import TokPlugError
+
+        raise TokPlugError("masked-diffusion sampling needs a mask token, and this tokenizer has none",
+                           fix="add one (tokenizer.add_special_tokens({'mask_token': '<|mdm_mask|>'}) and resize the "
+                               "model), or train with task masked_diffusion_sft, which adds it")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     kwargs = {"gen_length": gen_length, "block_length": block_length, "steps": steps, "temperature": temperature,
               "cfg_scale": cfg_scale, "cache": cache, "threshold": threshold,

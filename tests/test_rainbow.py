@@ -249,3 +249,56 @@ def test_generate_with_cache_and_threshold_stops_at_rainbow_pads(tmp_path, optio
     assert len(texts) == 1 and "rainbow_pad" not in texts[0]
     restored = hf_tokplug.from_pretrained(tmp_path / "gen")  # the restored-model path takes the same options
     assert generate(restored, prompt, gen_length=16, block_length=8, steps=16, **options) == texts
+
+
+def test_bidirectional_under_every_attention_implementation(tmp_path):
+    """A decoder with use_bidirectional_attention attends both ways under eager and with a padding mask too (it used
+    to get transformers' causal mask there), and masked-LM architectures that transformers also maps to a causal LM
+    (RoBERTa) load as masked LMs."""
+    from transformers import GemmaConfig, RobertaConfig
+
+    from hf_tokplug.runners.masked_diffusion import MaskedDiffusionSFT
+
+    logits = {}
+    x = torch.randint(10, 200, (1, 12), generator=torch.Generator().manual_seed(0))
+    later = x.clone()
+    later[0, 6] = 99
+    mask = torch.ones_like(x)
+    mask[0, -2:] = 0
+    for impl in ("sdpa", "eager"):
+        sections = {**MDM, "model": {"name_or_path": "toy://gemma-bidir", "attn_implementation": impl}}
+        runner, _ = run_recipe(tmp_path, impl, **sections, train={"max_steps": 1, "learning_rate": 0.0})
+        model = runner.ctx.model.eval()
+        with torch.no_grad():
+            logits[impl] = model(input_ids=x).logits
+            first = model(input_ids=x, attention_mask=mask).logits[0, 0]
+            changed = model(input_ids=later, attention_mask=mask).logits[0, 0]
+        assert (first - changed).abs().max() > 1e-4, impl  # position 0 sees position 6
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-5, rtol=1e-5)
+    assert MaskedDiffusionSFT.auto_class_for(RobertaConfig()) == "AutoModelForMaskedLM"
+    assert MaskedDiffusionSFT.auto_class_for(GemmaConfig(use_bidirectional_attention=True)) == "AutoModelForCausalLM"
+
+
+def test_generate_samples_masked_lms_with_the_diffusion_sampler(tmp_path):
+    """hf_tokplug.generate on a masked-diffusion context (or a model without .generate, ModernBERT) runs the LLaDA
+    sampler instead of failing; max_new_tokens is the window."""
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    from hf_tokplug import toy
+    from hf_tokplug.errors import TokPlugError
+
+    runner, _ = run_recipe(tmp_path, "gen", **MDM, train={"max_steps": 1})
+    prompt = ["Continue the verse: In the beginning"]
+    assert hf_tokplug.generate(runner.ctx, prompt, max_new_tokens=16, block_length=8, steps=16) == generate(
+        runner.ctx, prompt, gen_length=16, block_length=8, steps=16)
+
+    tok = toy.load_toy_tokenizer()
+    cfg = ModernBertConfig(vocab_size=len(tok) + 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, pad_token_id=tok.pad_token_id, bos_token_id=1,
+                           eos_token_id=tok.eos_token_id, cls_token_id=1, sep_token_id=tok.eos_token_id)
+    ctx = hf_tokplug.apply(ModernBertForMaskedLM(cfg), tok, task="masked_diffusion_sft")
+    with pytest.raises(TokPlugError, match="mask token"):
+        hf_tokplug.generate(ctx, "In the beginning", max_new_tokens=8)
+    ctx.tokenizer.add_special_tokens({"mask_token": "<|mdm_mask|>"})
+    texts = hf_tokplug.generate(ctx, ["In the beginning"], max_new_tokens=8, cache=None, threshold=0.9)
+    assert len(texts) == 1 and isinstance(texts[0], str)

@@ -109,6 +109,16 @@ def _trainer_class() -> type:
     return type("MaskedDiffusionTrainer", (MaskedDiffusionTrainerBase, Trainer), {"__module__": __name__})
 
 
+def bidirectional(model: Any) -> Any:
+    """A decoder made bidirectional by ``use_bidirectional_attention`` gets ``config.is_causal = False`` too:
+    transformers builds a causal mask unless ``is_causal`` is False, which sdpa without a mask happened to skip
+    but eager attention (and any padded batch) applied, so the model silently attended causally there."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_bidirectional_attention", False):
+        config.is_causal = False
+    return model
+
+
 class MaskedDiffusionSFT(CausalLMSFT):
     task = "masked_diffusion_sft"
     description = "LLaDA-style SFT of a masked-diffusion LM (bidirectional model with per-position logits)."
@@ -141,15 +151,23 @@ class MaskedDiffusionSFT(CausalLMSFT):
 
     @staticmethod
     def auto_class_for(config: Any) -> str:
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        """A masked-LM architecture (BERT, RoBERTa, ModernBERT) loads as one even when transformers also maps its type
+        to a causal LM (RoBERTa): the task trains it bidirectionally. Decoders made bidirectional
+        (``use_bidirectional_attention``) load as causal-LM classes; LLaDA/Dream remote code as ``AutoModel``."""
+        from transformers.models.auto.modeling_auto import (
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        )
 
         if getattr(config, "auto_map", None) and "AutoModel" in config.auto_map and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
             return "AutoModel"  # LLaDA/Dream remote code
+        if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "use_bidirectional_attention", False):
+            return "AutoModelForMaskedLM"
         return "AutoModelForCausalLM" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "AutoModelForMaskedLM"
 
     def load_model(self, ctx: Run) -> Any:
         self.auto_class = self.auto_class_for(self.model_config(offline=False))
-        return super().load_model(ctx)
+        return bidirectional(super().load_model(ctx))
 
     def configure_tokenizer(self, ctx: Run, tokenizer: Any) -> None:
         if tokenizer.mask_token is None:  # recorded like a plugin's token, so LoRA trains its row

@@ -91,7 +91,8 @@ def _gemma_bidirectional(vocab: int, hidden: int = 64, intermediate: int = 172, 
     cfg = GemmaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
-        use_bidirectional_attention=True, tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=3,
+        use_bidirectional_attention=True, is_causal=False,  # is_causal: bidirectional masks under every attention
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=5, pad_token_id=3,
     )
     return cfg, GemmaForCausalLM
 
