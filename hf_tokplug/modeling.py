@@ -5,6 +5,8 @@
     is_peft(model)             a PEFT model (``peft_config`` + ``get_base_model``)
     is_tied(model)             input and output embeddings share one matrix (or there is no output layer)
     output_module_name(model)  the attribute name of an *untied* output layer (``lm_head``), else ``None``
+    output_logits(model, rows) the model's own logits from final hidden states: the output layer (its bias too),
+                               ``logit_scale`` and Gemma2/3's ``final_logit_softcapping``
     SD_ATTENTION_TARGETS       the LoRA targets of Stable Diffusion attention (q, k, v, out of attn1 and attn2)
     load_pipeline(name)        a Diffusers pipeline from a Hub id, a folder or ``toy://sd``
     save_unet_lora(unet, dir)  a UNet's PEFT LoRA in the Diffusers format, its config as metadata
@@ -44,6 +46,37 @@ def output_module_name(model: Any) -> str | None:
         return None
     out = model.get_output_embeddings()
     return next((name.rsplit(".", 1)[-1] for name, module in model.named_modules() if module is out), None)
+
+
+def output_logits(model: Any, rows: Any, weight: Any = None, bias: Any = None) -> Any:
+    """Logits the model itself would give for final hidden states ``rows`` (``(..., H)``, after the final norm).
+
+    ``rows @ weight.T (+ bias)``, then what some architectures do after the output layer: multiply by
+    ``config.logit_scale`` (Cohere), divide by ``config.logits_scaling`` (Granite) and soft-cap, ``cap * tanh(logits / cap)`` with ``config.final_logit_softcapping``
+    (Gemma2/3). ``weight`` / ``bias`` default to the model's output layer (pass another, e.g. a separate
+    unembedding, to score through it). Plugins that score captured hidden states use this, so Gemma's capped logits
+    are the ones they see.
+    """
+    import torch
+
+    base = peft_base(getattr(model, "module", model))
+    if weight is None:
+        out = base.get_output_embeddings()
+        weight, bias = out.weight, getattr(out, "bias", None)
+    logits = rows @ weight.T.to(rows.dtype)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1.0:
+        logits = logits * scale
+    divide = getattr(config, "logits_scaling", None)  # Granite divides instead
+    if isinstance(divide, (int, float)) and divide != 1.0:
+        logits = logits / divide
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def load_pipeline(name_or_path: str, dtype: Any = None, **kwargs: Any) -> Any:

@@ -19,6 +19,7 @@ Training:
                                             log-probs of a TokenBatch, cached per example (token-weight plugins)
 Models:
     unwrap, peft_base, is_peft, is_tied, output_module_name      facts about (wrapped) models
+    output_logits              the model's own logits from final hidden states (bias, logit_scale, softcapping)
     layer_attention            one no-gradient forward with one layer's attention probabilities (under sdpa)
     tokenizer_vocab, load_frozen_causal_lm     another model's vocabulary; a frozen scoring model (adapters merged)
     SD_ATTENTION_TARGETS, load_pipeline, save_unet_lora          Stable Diffusion LoRA targets, pipelines, LoRA files
@@ -114,6 +115,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "load_frozen_causal_lm": ("hub", "load_frozen_causal_lm"),
     "is_tied": ("modeling", "is_tied"),
     "output_module_name": ("modeling", "output_module_name"),
+    "output_logits": ("modeling", "output_logits"),
     "SD_ATTENTION_TARGETS": ("modeling", "SD_ATTENTION_TARGETS"),
     "load_pipeline": ("modeling", "load_pipeline"),
     "save_unet_lora": ("modeling", "save_unet_lora"),

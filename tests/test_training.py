@@ -130,3 +130,33 @@ def test_main_loss_replaces_the_trainers_loss(tmp_path, capsys):
                                                                  plugins={"doubles": None, "doubles_too": None}))
         assert main(["run", str(recipe)]) == 2
         assert "replace the main loss" in capsys.readouterr().err
+
+
+def test_output_logits_are_the_models_own():
+    """output_logits (what loss-term plugins score hidden states with) reproduces the model's logits: Gemma2's final
+    soft-capping, Granite's logits scaling, a plain Llama, and through a PEFT wrapper."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaConfig,
+                              LlamaForCausalLM)
+
+    from hf_tokplug.plugin import output_logits
+
+    small = {"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8}
+    models = [Gemma2ForCausalLM(Gemma2Config(**small, final_logit_softcapping=0.5)),
+              GraniteForCausalLM(GraniteConfig(**{k: v for k, v in small.items() if k != "head_dim"}, logits_scaling=4.0)),
+              LlamaForCausalLM(LlamaConfig(**small))]
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    for model in models:
+        torch.nn.init.normal_(model.get_output_embeddings().weight, std=2.0)  # large logits: the capping shows
+        model.eval()
+        with torch.no_grad():
+            hidden = model.model(input_ids=ids).last_hidden_state
+            torch.testing.assert_close(output_logits(model, hidden), model(input_ids=ids).logits)
+            if isinstance(model, Gemma2ForCausalLM):
+                assert output_logits(model, hidden).abs().max() <= 0.5 + 1e-6
+    wrapped = get_peft_model(models[0], LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        hidden = wrapped.get_base_model().model(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(output_logits(wrapped, hidden), wrapped(input_ids=ids).logits)

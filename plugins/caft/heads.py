@@ -24,6 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from hf_tokplug.plugin import output_logits
+
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
     """The backbone's list of decoder layers (``layers`` in Llama/Qwen/NeoX, ``h`` in GPT-2, ...)."""
@@ -135,8 +137,11 @@ def head_context(model: nn.Module, hidden: torch.Tensor, attention_mask: torch.T
     return HeadContext(mask, position_embeddings, position_ids)
 
 
-def _chunk_loss(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = rows @ weight.T  # (chunk, V): the only vocabulary-sized tensor, recomputed in backward
+def _chunk_loss(model: nn.Module, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # (chunk, V): the only vocabulary-sized tensor, recomputed in backward; the model's own logit transform
+    # (bias, logit scale, Gemma's final soft-capping) applies, so the heads are scored like the model
+    logits = output_logits(model, rows, weight, bias)
     loss = F.cross_entropy(logits.float(), targets, reduction="sum")
     correct = (logits.argmax(-1) == targets).sum().to(loss.dtype)
     return loss, correct
@@ -157,7 +162,7 @@ def head_losses(heads: CAFTHeads, model: nn.Module, hidden: torch.Tensor, labels
     so the heads add about one ``(B, T, H)`` tensor each to the memory of a step.
     """
     ctx = head_context(model, hidden, attention_mask) if any(isinstance(h, BlockHead) for h in heads.heads) else HeadContext()
-    shared = model.get_output_embeddings().weight  # (V, H)
+    shared = model.get_output_embeddings()  # weight (V, H), maybe a bias
     out = []
     for i, head in enumerate(heads.heads, start=1):
         kwargs = {"mask": ctx.mask, "position_embeddings": ctx.position_embeddings, "position_ids": ctx.position_ids}
@@ -169,12 +174,13 @@ def head_losses(heads: CAFTHeads, model: nn.Module, hidden: torch.Tensor, labels
         states, targets = h[:, :-shift], labels[:, shift:]  # (B, T-1-i, H), (B, T-1-i)
         valid = targets != -100
         rows, targets = states[valid], targets[valid]  # (N, H), (N,)
-        weight = heads.unembeddings[i - 1].weight if heads.unembeddings is not None else shared
+        unembedding = heads.unembeddings[i - 1] if heads.unembeddings is not None else shared
+        weight, bias = unembedding.weight, getattr(unembedding, "bias", None)
         loss_sum = rows.new_zeros((), dtype=torch.float32)
         correct = rows.new_zeros((), dtype=torch.float32)
         for start in range(0, rows.shape[0], chunk_size):
             piece = slice(start, start + chunk_size)
-            loss, hits = checkpoint(_chunk_loss, rows[piece], weight, targets[piece], use_reentrant=False)
+            loss, hits = checkpoint(_chunk_loss, model, rows[piece], weight, bias, targets[piece], use_reentrant=False)
             loss_sum, correct = loss_sum + loss, correct + hits.detach()
         out.append(HeadLoss(loss_sum, correct, int(rows.shape[0])))
     return out

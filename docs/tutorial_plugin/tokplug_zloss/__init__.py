@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from pydantic import Field
 
-from hf_tokplug.plugin import Plugin, PluginConfig, TokenLoss, hookimpl, write_json_atomic
+from hf_tokplug.plugin import Plugin, PluginConfig, TokenLoss, hookimpl, output_logits, write_json_atomic
 
 
 class ZLossConfig(PluginConfig):
@@ -61,11 +61,12 @@ class ZLossPlugin(Plugin):
         # rejected completions, GRPO samples), already aligned by the task's label shift (1 causal, 0 diffusion)
         hidden = outputs.last_hidden_state  # (B, T, H)
         mask = batch.scored[:, -hidden.shape[1]:]  # (B, T)
-        weight = ctx.model.get_output_embeddings().weight  # (V, H); PEFT wrappers resolve to the trained copy
         rows = hidden[mask]  # (N, H)
         total = rows.new_zeros(())
         for start in range(0, rows.shape[0], self.config.chunk_size):
-            log_z = torch.logsumexp(rows[start : start + self.config.chunk_size] @ weight.T.to(rows.dtype), dim=-1)
+            # the model's own logits (output layer, and Gemma's soft-capping where the model has it)
+            logits = output_logits(ctx.model, rows[start : start + self.config.chunk_size])
+            log_z = torch.logsumexp(logits, dim=-1)
             total = total + (log_z.float() ** 2).sum()
             self.log_z_sum += float(log_z.detach().float().sum())
         self.log_z_count += int(rows.shape[0])
