@@ -34,6 +34,17 @@ def test_collator_pads_with_eos_and_marks_the_padding():
     assert batch["pad_mask"][0].tolist() == [False] * 6 + [True] * 6
 
 
+def test_collator_drops_unsupervised_tokens_after_the_answer():
+    """A chat template's "\n" after <|im_end|> (label -100) would stay visible, never masked, at every answer's end;
+    the padding follows the answer's last supervised token instead, as in sampling."""
+    collate = MaskedDiffusionCollator(pad_token_id=EOS, pad_to_length=8)
+    newline = 9
+    batch = collate([{"input_ids": [4, 10, 20, 21, EOS, newline], "labels": [-100, -100, 20, 21, EOS, -100]}])
+    assert batch["input_ids"][0].tolist() == [4, 10, 20, 21, EOS, EOS, EOS, EOS]
+    assert batch["labels"][0].tolist() == [-100, -100, 20, 21, EOS, EOS, EOS, EOS]
+    assert batch["pad_mask"][0].tolist() == [False] * 5 + [True] * 3
+
+
 @pytest.mark.parametrize("start", [0, 2])
 def test_rainbow_fill_keeps_one_eos_then_cycles(start):
     pads = torch.tensor([100, 101, 102])

@@ -49,23 +49,35 @@ class MaskedDiffusionCollator:
 
     Returns ``input_ids``, ``labels`` (-100 on the prompt) and ``pad_mask`` (True where padding was added), which
     plugins use to change the padding (rainbow padding) and the trainer removes before the forward.
+
+    Unsupervised tokens *after* the last supervised one are dropped: a chat template's ``\n`` after
+    ``<|im_end|>`` sits outside the assistant markers (label -100), so it was never masked and every training
+    sequence showed a visible end-of-answer marker that the sampler's all-masked window never has. The padding now
+    follows the answer's last token directly, as in sampling.
     """
 
     pad_token_id: int
     pad_to_length: int | None = None
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        longest = max(len(e["input_ids"]) for e in examples)
-        length = max(longest, self.pad_to_length or 0)
+        kept = [_supervised_length(e["labels"]) for e in examples]
+        length = max(max(kept), self.pad_to_length or 0)
         ids = torch.full((len(examples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full_like(ids, self.pad_token_id)
         pad_mask = torch.ones_like(ids, dtype=torch.bool)
-        for row, example in enumerate(examples):
-            n = len(example["input_ids"])
-            ids[row, :n] = torch.tensor(example["input_ids"])
-            labels[row, :n] = torch.tensor(example["labels"])
+        for row, (example, n) in enumerate(zip(examples, kept)):
+            ids[row, :n] = torch.tensor(example["input_ids"][:n])
+            labels[row, :n] = torch.tensor(example["labels"][:n])
             pad_mask[row, :n] = False
         return {"input_ids": ids, "labels": labels, "pad_mask": pad_mask}
+
+
+def _supervised_length(labels: list[int]) -> int:
+    """Length up to and including the last supervised token (all of it when nothing is supervised)."""
+    for i in range(len(labels) - 1, -1, -1):
+        if labels[i] != -100:
+            return i + 1
+    return len(labels)
 
 
 def llada_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor, mask_id: int, eps: float,
