@@ -63,6 +63,20 @@ def run_recipe(tmp_path: Path, name: str = "run", **sections: Any):
     return runner, metrics
 
 
+def assert_run_refused(tmp_path: Path, capsys: Any, expected: str, **sections: Any) -> str:
+    """``tokplug run`` of a base recipe with ``sections`` exits 2 naming ``expected``, without a traceback, and
+    writes nothing; returns stderr."""
+    from hf_tokplug.cli import main
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(out, **sections))
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert not out.exists()
+    return err
+
+
 def token_log_probs(logits: Any, targets: Any) -> Any:
     """log p(targets) per output position from logits, 0 where not scored (-100): computed plainly, to check the
     host's scorers and the plugins built on them against."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from conftest import base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
+from conftest import assert_run_refused, base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
 from hf_tokplug import toy
 from hf_tokplug.cli import main
 from hf_tokplug.training import token_batch
@@ -78,12 +78,7 @@ def test_bad_cdpo_input(capsys, tmp_path):
         ({"cdpo": MODELS}, {**DPO, "data": {**PAIRS, "max_length": 48}}, "longer than the trainer's max_length"),
     ]
     for plugins, sections, expected in cases:
-        out = tmp_path / "out"
-        recipe = write_recipe(tmp_path / "r.yaml", base_recipe(out, **sections, plugins=plugins))
-        assert main(["run", str(recipe)]) == 2
-        err = capsys.readouterr().err
-        assert expected in err and "Traceback" not in err, err
-        assert not out.exists()
+        assert_run_refused(tmp_path, capsys, expected, **sections, plugins=plugins)
 
 
 def _local_pairs(tmp_path, n=16):

@@ -11,9 +11,8 @@ import math
 import pytest
 import torch
 
-from conftest import base_recipe, read_log, run_recipe, token_log_probs, write_recipe
+from conftest import assert_run_refused, read_log, run_recipe, token_log_probs
 from hf_tokplug import toy
-from hf_tokplug.cli import main
 from hf_tokplug.modeling import layer_attention
 from hf_tokplug.training import FrozenLogProbs, TokenBatch, token_batch
 
@@ -126,9 +125,4 @@ def test_frozen_log_probs_cache_freeze_and_files(tmp_path):
     ({"sstoken": {}}, {"task": "preference_dpo", "data": {"train": "toy://kjv-preference"}}, "role(s) ['sft']"),
 ])
 def test_bad_sstoken_input(capsys, tmp_path, plugins, sections, expected):
-    out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(out, **sections, plugins=plugins))
-    assert main(["run", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert expected in err and "Traceback" not in err, err
-    assert not out.exists()
+    assert_run_refused(tmp_path, capsys, expected, **sections, plugins=plugins)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
+from conftest import assert_run_refused, base_recipe, model_token_log_probs, read_log, run_recipe, write_recipe
 from hf_tokplug.cli import main
 from hf_tokplug.training import token_batch
 
@@ -88,12 +88,7 @@ def test_rm_with_another_tokenizer_is_refused_before_weights_load(capsys, tmp_pa
     ({"tgdpo": {"rm_model": "./no/such/rm"}}, DPO, "rm_model"),
 ])
 def test_bad_tgdpo_input(capsys, tmp_path, plugins, sections, expected):
-    out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", base_recipe(out, **sections, plugins=plugins))
-    assert main(["run", str(recipe)]) == 2
-    err = capsys.readouterr().err
-    assert expected in err and "Traceback" not in err, err
-    assert not out.exists()
+    assert_run_refused(tmp_path, capsys, expected, **sections, plugins=plugins)
 
 
 def test_resolved_recipe_records_the_options(tmp_path):
